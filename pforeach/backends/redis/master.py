@@ -1,0 +1,453 @@
+"""The master's side of the Redis backend: submit, collect, check, clean up.
+
+One loop is one job. The master writes the job environment (unless Redis
+already holds an identical one), a job record, and the tasks; then it drains
+the job's result list, passing each task's first result on and dropping
+repeats. Every ``ftinterval`` seconds it looks for trouble:
+
+* a task with a start key but no alive key: its worker died; the task goes
+  back to the front of the queue;
+* a registered worker whose heartbeat expired: whatever it held goes back;
+* when the queue is empty, a task that is neither started nor finished for
+  a whole interval (its result was lost): it is submitted again;
+* a Redis that restarted and lost its data: the environment, the job record
+  and every unfinished task are written again.
+
+A thread refreshes the TTLs of the job's keys while the loop runs, so a
+master that dies leaves nothing behind for longer than ``key_ttl``.
+"""
+
+from __future__ import annotations
+
+import getpass
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+from ... import serialize
+from ...errors import JobCancelledError, PayloadError
+from ...job import Job, Task, TaskResult
+from .client import CONNECTION_ERRORS, Reconnecting
+from .keys import (
+    DROP_JOB,
+    NOTICE_TAG,
+    REQUEUE,
+    RECLAIM,
+    TaskHeader,
+    decode_outcome,
+    parse_result,
+)
+from .values import part_keys, read_value, write_value
+
+logger = logging.getLogger(__name__)
+
+#: Results popped per round trip while they stream in.
+_BATCH = 1000
+
+
+@dataclass
+class _Inflight:
+    task: Task
+    message: bytes
+    parts: dict[str, bytes]  # part key -> bytes, for a task too large for one key
+    unseen_since: float | None = None  # no start key seen since (lost-result check)
+
+
+class Master:
+    """Runs one job on a :class:`~pforeach.backends.redis.RedisBackend`."""
+
+    def __init__(self, backend: Any, job: Job) -> None:
+        self.b = backend
+        self.job = job
+        self.keys = backend.keys
+        self.r: redis.Redis = backend.client
+        self.io = Reconnecting(backend.spec, backend.reconnect_timeout)
+        self.inflight: dict[int, _Inflight] = {}
+        self.exhausted = False
+        self.submitted = 0
+        self.finished = 0
+        self.iterations = 0
+        self.run_id = ""
+        self.next_check = 0.0
+        self._stop = threading.Event()
+        self._job_missing = threading.Event()
+        self._keeper: threading.Thread | None = None
+        self._scripts = {
+            name: self.r.register_script(src)
+            for name, src in (("drop", DROP_JOB), ("requeue", REQUEUE), ("reclaim", RECLAIM))
+        }
+
+    # -- the run ---------------------------------------------------------------
+
+    def run(self) -> Iterator[TaskResult]:
+        job = self.job
+        job.env_bytes  # serialize (and fail on unshippable captures) first
+        completed = False
+        try:
+            self.io.call(self._open, "job submission")
+            self.next_check = time.monotonic() + self.b.ftinterval
+            while True:
+                self._fill()
+                if self.exhausted and not self.inflight:
+                    completed = True
+                    return
+                yield from self._collect()
+                if time.monotonic() >= self.next_check or self._needs_check():
+                    self._fault_check()
+                    self.next_check = time.monotonic() + self.b.ftinterval
+        finally:
+            self._close(completed)
+
+    def _needs_check(self) -> bool:
+        return self.io.reconnected or self._job_missing.is_set()
+
+    # -- submission ------------------------------------------------------------
+
+    def _open(self) -> None:
+        job, keys, b = self.job, self.keys, self.b
+        self.run_id = str(self.r.info("server").get("run_id", ""))
+        self._upload_env(force=False)
+        record = {
+            "user": getpass.getuser(),
+            "host": socket.gethostname(),
+            "address": _own_address(self.r),
+            "pid": os.getpid(),
+            "submitted": time.time(),
+            "env": job.env_hash,
+            "env_size": len(job.env_bytes),
+            "total": -1 if job.total is None else job.total,
+            "tasks": self.submitted,
+            "done": self.finished,
+            "iterations_done": self.iterations,
+        }
+        pipe = self.r.pipeline(transaction=False)
+        pipe.hset(keys.job(job.job_id), mapping=record)
+        pipe.expire(keys.job(job.job_id), int(b.key_ttl))
+        pipe.sadd(keys.jobs, job.job_id)
+        pipe.set(keys.live, 1)
+        pipe.execute()
+        logger.info(
+            "job %s: submitting to queue %s at %s", job.job_id, keys.queue, b.spec.describe()
+        )
+        if self._keeper is None:
+            self._keeper = threading.Thread(target=self._keep_alive, daemon=True)
+            self._keeper.start()
+
+    def _upload_env(self, force: bool) -> None:
+        job, b = self.job, self.b
+        key = self.keys.env(job.env_hash)
+        # An identical environment already in Redis (the same loop run again)
+        # is kept alive instead of uploaded again.
+        if not force and self.r.expire(key, int(b.env_ttl)):
+            logger.debug("job %s: environment %s already in Redis", job.job_id, job.env_hash)
+            return
+        sealed = serialize.seal(
+            job.env_bytes, self.keys.identity("env", job.env_hash), b.secret
+        )
+        pipe = self.r.pipeline(transaction=False)
+        blob = write_value(pipe, key, sealed, b.part_size, b.env_ttl)
+        pipe.set(key, blob, ex=int(b.env_ttl))
+        pipe.execute()
+        logger.info(
+            "job %s: uploaded environment %s (%d bytes)", job.job_id, job.env_hash, len(sealed)
+        )
+
+    def _message(self, task: Task) -> _Inflight:
+        job, b = self.job, self.b
+        header = TaskHeader(
+            job.job_id,
+            task.task_id,
+            job.env_hash,
+            job.max_attempts,
+            job.timeout,
+            job.seeds.python,
+            job.seeds.numpy,
+            _span(task),
+        ).encode()
+        identity = self.keys.identity("task", job.job_id, task.task_id, header.decode())
+        sealed = serialize.seal(serialize.dumps(task), identity, b.secret)
+        parts: dict[str, bytes] = {}
+        blob = write_value(_Collect(parts), self.keys.task_value(job.job_id, task.task_id),
+                           sealed, b.part_size, b.key_ttl)
+        return _Inflight(task, header + blob, parts)
+
+    def _fill(self) -> None:
+        room = self.b.max_inflight - len(self.inflight)
+        if self.exhausted or room <= 0:
+            return
+        # Small first batches let workers start while the rest is prepared.
+        batch = []
+        limit = min(room, 32 if self.submitted == 0 else 512)
+        for task in self.job.tasks:
+            batch.append(self._message(task))
+            if len(batch) >= limit:
+                break
+        else:
+            self.exhausted = True
+        if batch:
+            self.io.call(lambda: self._push([e.message for e in batch], batch), "submission")
+            for entry in batch:
+                self.inflight[entry.task.task_id] = entry
+            self.submitted += len(batch)
+
+    def _push(self, messages: list[bytes], entries: list[_Inflight], front: bool = False) -> None:
+        pipe = self.r.pipeline(transaction=False)
+        for entry in entries:
+            for key, part in entry.parts.items():
+                pipe.set(key, part, ex=int(self.b.key_ttl))
+        if front:
+            pipe.lpush(self.keys.queue, *reversed(messages))
+        else:
+            pipe.rpush(self.keys.queue, *messages)
+        pipe.execute()
+
+    # -- results ---------------------------------------------------------------
+
+    def _collect(self) -> Iterator[TaskResult]:
+        out = self.keys.out(self.job.job_id)
+        messages = self.io.call(lambda: self.r.lpop(out, _BATCH), "collecting results")
+        if not messages:
+            wait = max(0.05, min(1.0, self.next_check - time.monotonic()))
+            popped = self.io.call(lambda: self.r.blpop([out], timeout=wait), "waiting")
+            messages = [popped[1]] if popped else []
+        for message in messages:
+            result = self._accept(message)
+            if result is not None:
+                self.finished += 1
+                self.iterations += result.size
+                yield result
+
+    def _accept(self, message: bytes) -> TaskResult | None:
+        job = self.job
+        try:
+            tag, job_id, task_id, wid, body = parse_result(message)
+        except PayloadError as exc:
+            logger.warning("job %s: dropping a malformed result: %s", job.job_id, exc)
+            return None
+        entry = self.inflight.get(task_id)
+        if job_id != job.job_id or entry is None:
+            logger.debug("job %s: dropping a repeated result of task %d", job.job_id, task_id)
+            return None
+        if tag == NOTICE_TAG:
+            raise PayloadError(
+                f"job {job.job_id}: worker {wid} could not read task {task_id}: "
+                f"{body.decode(errors='replace')}"
+            )
+        key = self.keys.result_value(job_id, task_id, wid)
+        try:
+            sealed = self.io.call(lambda: read_value(self.r, key, body), "reading a result")
+            payload = serialize.unseal(
+                sealed, self.keys.identity("result", job_id, task_id), self.b.secret
+            )
+            kind, value = decode_outcome(payload)
+        except Exception as exc:
+            logger.warning(
+                "job %s: result of task %d from worker %s is unusable (%s); "
+                "running the task again", job.job_id, task_id, wid, exc,
+            )
+            self.io.call(lambda: self._push([entry.message], [entry], front=True), "resubmit")
+            return None
+        finally:
+            if body[:1] != b"=":
+                self.r.delete(*part_keys(key, body))
+        if kind == "noenv":
+            logger.warning(
+                "job %s: worker %s found no environment; uploading it again", job.job_id, wid
+            )
+            self.io.call(lambda: self._upload_env(force=True), "environment upload")
+            self.io.call(lambda: self._push([entry.message], [entry], front=True), "resubmit")
+            return None
+        del self.inflight[task_id]
+        if kind == "fail":
+            return TaskResult.failed(entry.task, value)
+        assert isinstance(value, TaskResult)
+        return value
+
+    # -- fault checks ----------------------------------------------------------
+
+    def _fault_check(self) -> None:
+        self.io.call(self._check_server, "fault check")
+        self.io.call(self._reclaim_dead_workers, "fault check")
+        self.io.call(self._check_tasks, "fault check")
+
+    def _check_server(self) -> None:
+        """Notices a Redis that lost its data, and a job removed by someone else."""
+        self.io.reconnected = False
+        run_id = str(self.r.info("server").get("run_id", ""))
+        if run_id != self.run_id:
+            logger.warning(
+                "job %s: Redis at %s restarted; writing the job and its %d unfinished "
+                "tasks again", self.job.job_id, self.b.spec.describe(), len(self.inflight),
+            )
+            self._job_missing.clear()
+            self._open()
+            entries = list(self.inflight.values())
+            for start in range(0, len(entries), 512):
+                chunk = entries[start : start + 512]
+                self._push([e.message for e in chunk], chunk)
+            return
+        if self._job_missing.is_set() or not self.r.exists(self.keys.job(self.job.job_id)):
+            raise JobCancelledError(
+                f"job {self.job.job_id} was removed from queue {self.keys.queue}"
+            )
+
+    def _reclaim_dead_workers(self) -> None:
+        keys = self.keys
+        wids = [w.decode() for w in self.r.smembers(keys.workers)]
+        if not wids:
+            return
+        pipe = self.r.pipeline(transaction=False)
+        for wid in wids:
+            pipe.exists(keys.worker(wid))
+        for wid, alive in zip(wids, pipe.execute()):
+            if alive:
+                continue
+            moved = self._scripts["reclaim"](
+                keys=[keys.queue, keys.proc(wid), keys.worker(wid), keys.workers, keys.count],
+                args=[wid, "0", "0"],
+            )
+            if moved and moved > 0:
+                logger.warning(
+                    "queue %s: worker %s stopped answering; %d task(s) it held went "
+                    "back to the queue", keys.queue, wid, moved,
+                )
+
+    def _check_tasks(self) -> None:
+        keys, job = self.keys, self.job
+        ids = list(self.inflight)
+        pipe = self.r.pipeline(transaction=False)
+        for task_id in ids:
+            pipe.get(keys.start(job.job_id, task_id))
+            pipe.exists(keys.alive(job.job_id, task_id))
+        pipe.llen(keys.queue)
+        replies = pipe.execute()
+        queue_empty = replies[-1] == 0
+        now = time.monotonic()
+        lost = []
+        for position, task_id in enumerate(ids):
+            start, alive = replies[2 * position], replies[2 * position + 1]
+            entry = self.inflight[task_id]
+            if start is not None:
+                entry.unseen_since = None
+                if not alive:
+                    wid = start.decode().split(" ")[0]
+                    logger.warning(
+                        "job %s: task %d (iterations %s) lost its worker %s; "
+                        "resubmitting it", job.job_id, task_id, _span(entry.task), wid,
+                    )
+                    self._scripts["requeue"](
+                        keys=[keys.queue, keys.proc(wid), keys.start(job.job_id, task_id),
+                              keys.alive(job.job_id, task_id)],
+                        args=[entry.message],
+                    )
+            elif queue_empty:
+                # Taken, never marked or its result lost: only decided after a
+                # whole interval, which any running worker outlasts by marking.
+                if entry.unseen_since is None:
+                    entry.unseen_since = now
+                elif now - entry.unseen_since >= self.b.ftinterval * 0.9:
+                    lost.append(entry)
+                    entry.unseen_since = None
+            else:
+                entry.unseen_since = None
+        if lost:
+            logger.warning(
+                "job %s: %d task(s) neither queued, running nor finished; "
+                "resubmitting them", job.job_id, len(lost),
+            )
+            self._push([e.message for e in lost], lost, front=True)
+
+    # -- keeping keys alive, cleaning up -----------------------------------------
+
+    def _keep_alive(self) -> None:
+        b, keys, job_id = self.b, self.keys, self.job.job_id
+        client = b.spec.connect()
+        interval = max(0.5, min(b.key_ttl, b.env_ttl) / 4)
+        try:
+            while not self._stop.wait(interval):
+                try:
+                    pipe = client.pipeline(transaction=False)
+                    pipe.expire(keys.job(job_id), int(b.key_ttl))
+                    pipe.expire(keys.env(self.job.env_hash), int(b.env_ttl))
+                    pipe.expire(keys.out(job_id), int(b.key_ttl))
+                    pipe.expire(keys.attempts(job_id), int(b.key_ttl))
+                    pipe.hset(keys.job(job_id), mapping={
+                        "tasks": self.submitted,
+                        "done": self.finished,
+                        "iterations_done": self.iterations,
+                        "total_tasks": self.submitted if self.exhausted else -1,
+                    })
+                    found = pipe.execute()[0]
+                except CONNECTION_ERRORS:
+                    continue  # the main loop reconnects and decides
+                if not found:
+                    self._job_missing.set()
+                    # HSET above recreated a bare record; remove it again.
+                    client.delete(keys.job(job_id))
+        finally:
+            client.close()
+
+    def _close(self, completed: bool) -> None:
+        self._stop.set()
+        if self._keeper is not None:
+            self._keeper.join(timeout=2)
+        job, keys = self.job, self.keys
+        try:
+            if not completed:
+                # An interrupt may have cut a command short, leaving a reply
+                # unread on a pooled connection: start from clean connections.
+                self.r.connection_pool.disconnect()
+            client = self.b.cleanup_client()
+            removed = self._scripts["drop"](
+                keys=[keys.queue, keys.out(job.job_id), keys.job(job.job_id),
+                      keys.attempts(job.job_id), keys.jobs],
+                args=[job.job_id],
+                client=client,
+            )
+            if self.inflight:
+                pipe = client.pipeline(transaction=False)
+                for task_id, entry in self.inflight.items():
+                    pipe.delete(keys.start(job.job_id, task_id), keys.alive(job.job_id, task_id),
+                                *entry.parts)
+                pipe.execute()
+            if not completed:
+                logger.info(
+                    "job %s: cancelled; %d queued task(s) removed, %d running task(s) "
+                    "will finish and their results expire", job.job_id, removed,
+                    len(self.inflight) - removed,
+                )
+        except CONNECTION_ERRORS as exc:
+            logger.warning(
+                "job %s: could not clean up its keys (%s); they expire within %gs",
+                job.job_id, exc, self.b.key_ttl,
+            )
+
+
+class _Collect:
+    """Stands in for a pipeline to catch the part writes of a task message."""
+
+    def __init__(self, parts: dict[str, bytes]) -> None:
+        self.parts = parts
+
+    def set(self, key: str, value: bytes, ex: int) -> None:
+        self.parts[key] = value
+
+
+def _span(task: Task) -> str:
+    first, last = task.items[0][0], task.items[-1][0]
+    return str(first) if first == last else f"{first}-{last}"
+
+
+def _own_address(client: redis.Redis) -> str:
+    try:
+        info = client.client_info()
+        return str(info.get("addr", "")).rpartition(":")[0]
+    except redis.RedisError:
+        return ""
