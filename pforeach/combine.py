@@ -92,7 +92,15 @@ def resolve(combine: Any) -> _Named | Callable[..., Any]:
         return NAMED[builtin]
     if not callable(combine):
         raise OptionError(f"combine must be a name or a callable, not {combine!r}")
-    return combine  # type: ignore[no-any-return]
+    return combine
+
+
+def _iterable(value: Any) -> bool:
+    try:
+        iter(value)
+    except TypeError:
+        return False
+    return True
 
 
 def check_combine(combine: Any) -> None:
@@ -138,6 +146,12 @@ class Combiner:
             self._fold = how
         self._values: list[Any] = []  # collected values, or the multicombine batch
         self._acc: Any = spec.init
+        needs_items = how is NAMED["list"] or self._fold is _concat
+        if needs_items and spec.init is not UNSET and not _iterable(spec.init):
+            raise OptionError(
+                f"init must be a list (or another iterable) for combine={spec.combine!r}, "
+                f"not {spec.init!r}"
+            )
         if self._collect is not None and spec.init is not UNSET:
             # A list starts from init's items; a stack starts with init's rows.
             self._values = list(spec.init) if how is NAMED["list"] else [spec.init]

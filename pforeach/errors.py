@@ -33,6 +33,9 @@ class SerializationError(PforeachError):
         super().__init__(message)
         self.name = name
 
+    def __reduce__(self) -> tuple[type, tuple[str, str | None]]:
+        return (type(self), (str(self), self.name))
+
 
 class PayloadError(PforeachError):
     """A payload read from a queue is malformed, of an unknown format or forged."""
@@ -64,6 +67,10 @@ class RemoteError(PforeachError):
     def __init__(self, type_name: str, message: str) -> None:
         super().__init__(f"{type_name}: {message}")
         self.type_name = type_name
+        self.message = message
+
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:
+        return (type(self), (self.type_name, self.message))
 
 
 class IterationError(PforeachError):
@@ -94,6 +101,11 @@ class IterationError(PforeachError):
         super().__init__(text)
         self.index = index
         self.values = values
+        self.error = error
         self.job_id = job_id
         self.remote_traceback = remote_traceback
+
+    def __reduce__(self) -> tuple[type, tuple[object, ...]]:
+        args = (self.index, self.values, self.error, self.remote_traceback, self.job_id)
+        return (type(self), args)
 

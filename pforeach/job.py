@@ -14,7 +14,7 @@ import itertools
 import traceback
 import types
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -26,7 +26,7 @@ from .errors import (
     RemoteError,
     SerializationError,
 )
-from .rng import SeedPlan
+from .rng import SeedPlan, clear_iteration_seed
 
 
 @dataclass
@@ -106,16 +106,18 @@ class TaskResult:
             return serialize.dumps(self)
         except SerializationError:
             pass
-        items = []
+        kept: list[tuple[int, Any]] = []
         for index, value in self.items:
             try:
                 serialize.dumps(value)
             except SerializationError as exc:
                 value = Failure(
-                    SerializationError(f"the result of iteration {index} cannot be sent back: {exc}")
+                    SerializationError(
+                        f"the result of iteration {index} cannot be sent back: {exc}"
+                    )
                 )
-            items.append((index, value))
-        return serialize.dumps(TaskResult(self.task_id, items, self.reduced, self.size))
+            kept.append((index, value))
+        return serialize.dumps(TaskResult(self.task_id, kept, self.reduced, self.size))
 
     @classmethod
     def failed(cls, task: Task, error: BaseException) -> TaskResult:
@@ -132,7 +134,8 @@ class JobEnv:
         body: the loop body, called with the loop variables as keywords.
         exports: extra global names for the body.
         packages: modules imported before the first task runs.
-        worker_init: run once per job on each worker, before the first task.
+        worker_init: run once per job on each worker, before the first task;
+            a mapping it returns becomes extra globals of the body there.
         reduce: per-task reduction applied on the worker.
         seed_worker: replaces the default per-iteration seeding.
         errorhandling: the loop's errorhandling, needed by ``reduce``.
@@ -303,12 +306,12 @@ class LoadedEnv:
             env = serialize.loads(data)
             if not isinstance(env, JobEnv):
                 raise SerializationError(f"not a job environment: {type(env).__name__}")
+            return cls(env, job_id)
         except Exception as exc:
             return cls.failing(
                 job_id,
                 SerializationError(f"job {job_id}: cannot load the job environment: {exc}"),
             )
-        return cls(env, job_id)
 
     def _prepare(self) -> None:
         self._ready = True
@@ -319,7 +322,11 @@ class LoadedEnv:
                 except ImportError as exc:
                     raise ImportError(f"package {name!r} (from packages=): {exc}") from exc
             if self.env.worker_init is not None:
-                self.env.worker_init()
+                provided = self.env.worker_init()
+                if isinstance(provided, Mapping):
+                    # Values made on the worker (a connection, a model) become
+                    # globals of the body there, never shipped.
+                    self.body = bind_exports(self.body, dict(provided))
         except Exception as exc:
             self._init_error = Failure.capture(exc)
 
@@ -328,8 +335,8 @@ class LoadedEnv:
         if not self._ready:
             self._prepare()
         if self._init_error is not None:
-            items = [(i, self._init_error) for i in task.indices]
-            return TaskResult(task.task_id, items, size=len(items))
+            failed = [(i, self._init_error) for i in task.indices]
+            return TaskResult(task.task_id, failed, size=len(failed))
         env = self.env
         items: list[tuple[int, Any]] = []
         for index, variables in task.items:
@@ -338,6 +345,7 @@ class LoadedEnv:
                 items.append((index, self.body(**variables)))
             except Exception as exc:
                 items.append((index, Failure.capture(exc, variables)))
+        clear_iteration_seed()  # a process that serves tasks runs other code too
         if env.reduce is None:
             return TaskResult(task.task_id, items, size=len(items))
         return self._reduce(task, items)

@@ -17,7 +17,7 @@ import inspect
 import itertools
 import logging
 import sys
-import warnings
+import threading
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -26,7 +26,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from .combine import CombineSpec, Combiner, TreeCombiner
+from .combine import Combiner, CombineSpec, TreeCombiner
 from .errors import OptionError
 from .job import Failure, Job, JobEnv, TaskResult, bind_exports, make_tasks
 from .options import (
@@ -52,7 +52,9 @@ class _Level:
 
 
 def _spec(options: Options) -> CombineSpec:
-    return CombineSpec(**{name: getattr(options, name) for name in COMBINE_OPTIONS})
+    spec = CombineSpec(**{name: getattr(options, name) for name in COMBINE_OPTIONS})
+    Combiner(spec)  # checks combine and init together, before anything runs
+    return spec
 
 
 class Foreach:
@@ -241,6 +243,8 @@ class Foreach:
         options = apply_overrides(self._options)
         self._check_body(body)
         exports = _resolve_exports(options.export, frame)
+        if exports:
+            bind_exports(body, exports)  # refuses a body that cannot take them, now
         env = JobEnv(
             body=bind_exports(body, {}, options.noexport),
             exports=exports,
@@ -250,9 +254,13 @@ class Foreach:
             seed_worker=options.seed_worker,
             errorhandling=options.errorhandling,
         )
+        levels = self._levels
+        if options.inorder != self._options.inorder:
+            # set_options(inorder=...) reaches the combining, not just the options.
+            levels = self.options(inorder=options.inorder)._levels
         with _verbose(options.verbose):
             seeds = SeedPlan.draw(options.seed)
-            return _Run(self._levels, options, env, seeds, backend).run()
+            return _Run(levels, options, env, seeds, backend).run()
 
     def _check_body(self, body: Callable[..., Any]) -> None:
         if not callable(body):
@@ -334,21 +342,14 @@ class _Run:
             type(self.backend).__name__,
             options.chunksize,
         )
-        bar = tqdm(
-            total=job.total,
-            disable=not options.progress,
-            unit="it",
-            desc="pforeach",
-            leave=False,
-        )
         results = self.backend.run(job)
-        try:
-            for result in results:
-                self._take(result)
-                bar.update(result.size)
-        finally:
-            results.close()
-            bar.close()
+        with _progress_bar(job.total, options.progress) as bar:
+            try:
+                for result in results:
+                    self._take(result)
+                    bar.update(result.size)
+            finally:
+                results.close()
         logger.info("job %s: done", job.job_id)
         return self.combiner.result()
 
@@ -439,6 +440,38 @@ def _resolve_exports(export: Any, frame: FrameType | None) -> dict[str, Any]:
                 f"export: no variable named {name!r} where the loop was run"
             )
     return values
+
+
+@contextmanager
+def _progress_bar(total: int | None, enabled: bool) -> Iterator[Any]:
+    """A tqdm bar over iterations (a plain count when ``total`` is None).
+
+    tqdm redraws only inside ``update`` and at most every 0.1 s, so a burst
+    of results followed by a long wait (a slow first task with inorder, say)
+    would leave a stale count on screen; a thread redraws it meanwhile.
+    """
+    # leave=True keeps the final count on screen, which a fast loop's
+    # throttled redraws would otherwise never show.
+    bar = tqdm(total=total, disable=not enabled, unit="it", desc="pforeach", leave=True)
+    stop = threading.Event()
+
+    def catch_up() -> None:
+        shown = bar.n
+        while not stop.wait(0.5):
+            if bar.n != shown:
+                shown = bar.n
+                bar.refresh()
+
+    thread = threading.Thread(target=catch_up, name="pforeach-progress", daemon=True)
+    if enabled:
+        thread.start()
+    try:
+        yield bar
+    finally:
+        stop.set()
+        if enabled:
+            thread.join()
+        bar.close()
 
 
 @contextmanager

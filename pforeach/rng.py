@@ -83,6 +83,12 @@ def _mix(base: int, salt: int | str) -> int:
     return int.from_bytes(digest, "big")
 
 
+def clear_iteration_seed() -> None:
+    """Marks that no iteration runs any more, so iteration_seed() raises again."""
+    global _current_seed
+    _current_seed = None
+
+
 def iteration_seed() -> int:
     """The seed of the iteration that is running, for generators of your own.
 

@@ -56,14 +56,23 @@ def dumps(value: Any) -> bytes:
     if data and b"__main__" not in data:
         return data
     try:
-        return dill.dumps(value, protocol=PROTOCOL, recurse=True)
+        return _dill_dumps(value)
     except Exception as exc:
         raise SerializationError(
             f"cannot serialize a {type(value).__name__}: {exc}"
         ) from exc
 
 
-def loads(data: bytes) -> Any:
+def _dill_dumps(value: Any) -> bytes:
+    try:
+        return dill.dumps(value, protocol=PROTOCOL, recurse=True)
+    except RecursionError:
+        # dill's recurse mode never ends on a closure that calls itself; such a
+        # function still travels with its globals taken whole, not name by name.
+        return dill.dumps(value, protocol=PROTOCOL, recurse=False)
+
+
+def loads(data: bytes | memoryview) -> Any:
     """Deserializes bytes made by :func:`dumps` (dill output included)."""
     try:
         return pickle.loads(data)
@@ -140,7 +149,7 @@ def check_capturable(name: str, value: Any) -> None:
             name,
         )
     try:
-        dill.dumps(value, protocol=PROTOCOL, recurse=True)
+        _dill_dumps(value)
     except Exception as exc:
         raise SerializationError(
             f"the loop captures {name!r} ({type(value).__name__}), which cannot "
@@ -196,6 +205,10 @@ def unseal(data: bytes, identity: str, secret: bytes | None) -> memoryview:
             f"{identity}: payload format version {version}, this pforeach "
             f"reads version {VERSION}"
         )
+    if flags & ~_FLAG_SIGNED:
+        # Unknown flags are not covered by the MAC: refuse them rather than
+        # let an envelope be altered without the check noticing.
+        raise PayloadError(f"{identity}: unknown envelope flags {flags:#04x}")
     view = memoryview(data)
     signed = bool(flags & _FLAG_SIGNED)
     if secret is None:

@@ -35,7 +35,7 @@ from collections.abc import Generator, Iterator
 from multiprocessing.connection import Connection, wait
 
 from .. import serialize
-from ..errors import PforeachError, TaskTimeoutError, WorkerLostError
+from ..errors import OptionError, PforeachError, TaskTimeoutError, WorkerLostError
 from ..job import Job, LoadedEnv, Task, TaskResult
 from .base import Backend
 
@@ -122,9 +122,9 @@ class LocalBackend(Backend):
 
     def __init__(self, n: int | None = None, *, prefetch: int = 2) -> None:
         if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
-            raise ValueError(f"LocalBackend needs n >= 1 worker processes, not {n!r}")
+            raise OptionError(f"LocalBackend needs n >= 1 worker processes, not {n!r}")
         if prefetch < 1:
-            raise ValueError(f"prefetch must be >= 1, not {prefetch!r}")
+            raise OptionError(f"prefetch must be >= 1, not {prefetch!r}")
         self.n = n or os.cpu_count() or 1
         self.prefetch = prefetch
         self._pool: list[_Worker] = []
@@ -204,7 +204,7 @@ class _Schedule:
 
     def run(self) -> Iterator[TaskResult]:
         job, pool = self.job, self.backend._pool
-        job.env_bytes  # serialize (and fail on unshippable captures) up front
+        _ = job.env_bytes  # serialize (and fail on unshippable captures) up front
         completed = False
         try:
             self.backend._start_missing()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import logging
 import os
@@ -76,8 +77,14 @@ class RedisBackend(Backend):
         queue: the work queue's name; the root of all its keys.
         url: ``redis://``, ``rediss://`` or ``unix://`` URL; default
             ``PFOREACH_REDIS_URL``, else ``redis://127.0.0.1:6379/0``.
-        host, port, db, username, password: override parts of the URL.
-        ssl_ca_certs, ssl_certfile, ssl_keyfile: TLS files for ``rediss://``.
+        host: overrides the URL's host.
+        port: overrides the URL's port.
+        db: overrides the URL's database number.
+        username: overrides the URL's user name.
+        password: overrides the URL's password.
+        ssl_ca_certs: CA file to verify the server with, for ``rediss://``.
+        ssl_certfile: client certificate file, for ``rediss://``.
+        ssl_keyfile: client key file, for ``rediss://``.
         secret: shared HMAC key that signs every payload; default
             ``PFOREACH_SECRET``. Workers must use the same.
         ftinterval: seconds between fault checks (at least 3).
@@ -143,6 +150,8 @@ class RedisBackend(Backend):
         self.part_size = part_size
         self.reconnect_timeout = float(reconnect_timeout)
         self._client: redis.Redis | None = None
+        self._aux: redis.Redis | None = None
+        self._facts: tuple[str, str] | None = None
         warn_if_exposed(self.spec, self.secret)
 
     @property
@@ -156,11 +165,30 @@ class RedisBackend(Backend):
             self._client = self.spec.connect()
         return self._client
 
-    def cleanup_client(self) -> redis.Redis:
-        """A client with short timeouts, for clean-up that must not hang."""
-        spec = ConnectionSpec(**{**self.spec.__dict__, "connect_timeout": 1.0})
-        spec.extra = {**spec.extra, "socket_timeout": 2.0}
-        return spec.connect()
+    def aux_client(self) -> redis.Redis:
+        """A client with short timeouts for housekeeping (TTL refreshes, clean-up)
+        that must never hang; made once and shared by the backend's loops."""
+        if self._aux is None:
+            spec = dataclasses.replace(self.spec, connect_timeout=1.0)
+            spec.extra = {**spec.extra, "socket_timeout": 5.0}
+            self._aux = spec.connect()
+        return self._aux
+
+    def server_facts(self) -> tuple[str, str]:
+        """The server's run id and this master's address as the server sees it.
+
+        Asked once per backend: a restart of the server since then is found
+        by the first fault check of the next loop.
+        """
+        if self._facts is None:
+            run_id = str(self.client.info("server").get("run_id", ""))
+            address = str(self.client.client_info().get("addr", "")).rpartition(":")[0]
+            self._facts = (run_id, address)
+        return self._facts
+
+    def forget_server(self) -> None:
+        """Drops what :meth:`server_facts` knew (the server restarted)."""
+        self._facts = None
 
     def run(self, job: Job) -> Generator[TaskResult, None, None]:
         from .master import Master
@@ -174,9 +202,10 @@ class RedisBackend(Backend):
         return len(live_worker_ids(self.client, self.keys))
 
     def close(self) -> None:
-        if self._client is not None:
-            self._client.close()
-            self._client = None
+        for client in (self._client, self._aux):
+            if client is not None:
+                client.close()
+        self._client = self._aux = None
 
     def __repr__(self) -> str:
         return f"RedisBackend({self.queue!r}, {self.spec.describe()!r})"

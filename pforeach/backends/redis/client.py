@@ -2,7 +2,9 @@
 
 Blocking pops wait for minutes or hours, so clients have no read timeout;
 a connection that dies without a reset is found by TCP keepalive instead
-(first probe after 10 s idle, then every 5 s, 3 probes: about 25 s) and by
+(first probe after 10 s idle, then every 5 s, 3 probes: about 25 s), by a
+30 s limit on data the server has not acknowledged (``TCP_USER_TIMEOUT``,
+for a server that vanished while a command was on its way), and by
 redis-py's health check before reuse of an idle connection.
 """
 
@@ -11,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -40,7 +43,8 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
 
 def _keepalive_options() -> dict[int, int]:
     options = {}
-    for name, value in (("TCP_KEEPIDLE", 10), ("TCP_KEEPINTVL", 5), ("TCP_KEEPCNT", 3)):
+    for name, value in (("TCP_KEEPIDLE", 10), ("TCP_KEEPINTVL", 5), ("TCP_KEEPCNT", 3),
+                        ("TCP_USER_TIMEOUT", 30_000)):
         if hasattr(socket, name):
             options[getattr(socket, name)] = value
     return options
@@ -103,12 +107,22 @@ class ConnectionSpec:
             if value is not None:
                 kwargs[name] = value
         if url.startswith("rediss://"):
+            # The server's name is checked against its certificate whatever
+            # the redis-py version's default (older ones did not check).
+            kwargs["ssl_check_hostname"] = True
             for name in ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile"):
                 value = getattr(self, name)
                 if value is not None:
                     kwargs[name] = value
         kwargs.update(self.extra)
-        return redis.Redis.from_url(url, **kwargs)
+        client = redis.Redis.from_url(url, **kwargs)
+        # redis-py lets the URL win over keyword arguments, but host, port,
+        # db, username and password are meant to override the URL's parts.
+        # Connections are made lazily, so setting them on the pool suffices.
+        client.connection_pool.connection_kwargs.update(
+            {n: kwargs[n] for n in ("host", "port", "db", "username", "password") if n in kwargs}
+        )
+        return client
 
 
 class Reconnecting:
@@ -134,6 +148,8 @@ class Reconnecting:
         try:
             return func()
         except CONNECTION_ERRORS as exc:
+            if lasting(exc):
+                raise refused(self.spec, exc) from exc
             first_error: BaseException = exc
         deadline = time.monotonic() + self.give_up_after
         delay = 0.05
@@ -147,12 +163,59 @@ class Reconnecting:
             try:
                 value = func()
             except CONNECTION_ERRORS as exc:
+                if lasting(exc):
+                    raise refused(self.spec, exc) from exc
                 if time.monotonic() >= deadline:
                     raise unavailable(self.spec, self.give_up_after, exc) from exc
                 continue
             logger.warning("reconnected to Redis at %s", self.spec.describe())
             self.reconnected = True
             return value
+
+
+def lasting(exc: BaseException) -> bool:
+    """Whether a connection error is one that waiting does not cure: Redis
+    refused the credentials, or its TLS certificate does not verify."""
+    seen: BaseException | None = exc
+    for _ in range(8):  # the cause chain of a connection error is short
+        if seen is None:
+            break
+        if isinstance(seen, (redis.AuthenticationError, ssl.SSLCertVerificationError)):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def refused(spec: ConnectionSpec, exc: BaseException) -> BackendUnavailableError:
+    what = (
+        "refused the credentials (check the password and user name)"
+        if isinstance(exc, redis.AuthenticationError)
+        else "could not be verified over TLS (check ssl_ca_certs and the address)"
+    )
+    return BackendUnavailableError(f"Redis at {spec.describe()} {what}: {exc}")
+
+
+def reach(client: redis.Redis, spec: ConnectionSpec) -> None:
+    """Checks that Redis answers, failing at once (within the connect timeout)
+    with an error naming its address if it does not.
+
+    Raises:
+        BackendUnavailableError: Redis cannot be reached or refused us.
+    """
+    for attempt in (1, 2):
+        try:
+            client.ping()
+            return
+        except CONNECTION_ERRORS as exc:
+            if lasting(exc):
+                raise refused(spec, exc) from exc
+            if attempt == 2:
+                raise BackendUnavailableError(
+                    f"cannot reach Redis at {spec.describe()}: {exc}"
+                ) from exc
+            # A pooled connection may have died since its last use (a server
+            # restarted between two loops); only a fresh one tells.
+            client.connection_pool.disconnect()
 
 
 def unavailable(spec: ConnectionSpec, waited: float, exc: BaseException) -> BackendUnavailableError:

@@ -182,23 +182,47 @@ def split_message(message: bytes, tag: bytes) -> tuple[list[str], bytes]:
         raise PayloadError(f"malformed {tag.decode()} header: {head[:80]!r}") from None
 
 
+# What each task header field may hold. The job id must also satisfy the
+# scripts' Lua pattern (%w+), so that a message one side accepts the other does.
+_ID = re.compile(r"[A-Za-z0-9]{1,64}")
+_COUNT = re.compile(r"[0-9]{1,20}")
+_SPAN = re.compile(r"-|[0-9]{1,20}(-[0-9]{1,20})?")
+
+
 def parse_task(message: bytes) -> tuple[TaskHeader, bytes]:
-    """Parses a task message into its header and its blob."""
+    """Parses a task message into its header and its blob.
+
+    Every field is checked, because the header is read before the payload's
+    signature is: a bad one must fail here, not later in the worker or its
+    supervisor (a time limit of ``nan``, say, would stop a worker at once).
+
+    Raises:
+        PayloadError: not a task message, or a field is malformed.
+    """
     fields, body = split_message(message, TASK_TAG)
     try:
         job, task, env_hash, attempts, timeout, seed, np_seed, span = fields
+        if not (
+            _ID.fullmatch(job) and _ID.fullmatch(env_hash) and _SPAN.fullmatch(span)
+            and all(_COUNT.fullmatch(f) for f in (task, attempts, seed))
+            and (np_seed == "-" or _COUNT.fullmatch(np_seed))
+        ):
+            raise ValueError(job)
+        limit = None if timeout == "-" else float(timeout)
+        if limit is not None and not 0 < limit < float("inf"):
+            raise ValueError(timeout)
         header = TaskHeader(
             job,
             int(task),
             env_hash,
             int(attempts),
-            None if timeout == "-" else float(timeout),
+            limit,
             int(seed),
             None if np_seed == "-" else int(np_seed),
             span,
         )
     except ValueError:
-        raise PayloadError(f"malformed task header: {fields!r}") from None
+        raise PayloadError(f"malformed task header: {fields!r}"[:300]) from None
     return header, body
 
 
@@ -215,7 +239,16 @@ def decode_outcome(payload: bytes | memoryview) -> tuple[str, Any]:
     kind, _, body = data.partition(b"\n")
     if kind not in (b"ok", b"fail", b"noenv"):
         raise PayloadError(f"unknown result kind {kind[:20]!r}")
-    return kind.decode(), serialize.loads(body)
+    value = serialize.loads(body)
+    # The kind promises a type; a result that breaks the promise is as
+    # unusable as one that does not unpickle.
+    expected = {b"ok": TaskResult, b"fail": BaseException, b"noenv": type(None)}[kind]
+    if not isinstance(value, expected):
+        raise PayloadError(
+            f"a {kind.decode()!r} result holds a {type(value).__name__}, "
+            f"not a {expected.__name__}"
+        )
+    return kind.decode(), value
 
 
 def result_message(tag: bytes, job_id: str, task_id: int, wid: str, body: bytes) -> bytes:
@@ -258,7 +291,14 @@ local function mark(i, msg)
   redis.call('SET', q .. '.start.' .. id, ARGV[1] .. ' ' .. ARGV[2], 'EX', ARGV[4])
   redis.call('SET', q .. '.alive.' .. id, ARGV[1], 'EX', ARGV[3])
   local n = redis.call('HINCRBY', q .. '.attempts.' .. job, task, 1)
-  redis.call('EXPIRE', q .. '.attempts.' .. job, ARGV[4])
+  -- The counters last as long as the job's record (which its master keeps
+  -- alive), so that they go with it when the master is gone.
+  local ttl = redis.call('PTTL', q .. '.job.' .. job)
+  if ttl > 0 then
+    redis.call('PEXPIRE', q .. '.attempts.' .. job, ttl)
+  else
+    redis.call('EXPIRE', q .. '.attempts.' .. job, ARGV[4])
+  end
   return {{i, msg, n}}
 end
 if ARGV[5] == 'mark' then
@@ -275,12 +315,29 @@ return false
 """
 
 FINISH = """
--- KEYS: out, start, alive, proc, job record   ARGV: message, result ttl
--- Pushes a result if its job still exists and clears the task's keys.
-redis.call('DEL', KEYS[2], KEYS[3], KEYS[4])
+-- KEYS: out, start, alive, proc, job record   ARGV: message, result ttl, worker id
+-- Pushes a result if its job still exists and clears the task's keys. The
+-- start and alive keys are cleared only while they are this worker's: one
+-- taken for dead that finishes late must not erase the marks of the worker
+-- now running the task again (the master would think that run lost too).
+local wid = ARGV[3]
+local start = redis.call('GET', KEYS[2])
+if start and (not wid or string.sub(start, 1, #wid + 1) == wid .. ' ') then
+  redis.call('DEL', KEYS[2])
+end
+local alive = redis.call('GET', KEYS[3])
+if alive and (not wid or alive == wid) then redis.call('DEL', KEYS[3]) end
+redis.call('DEL', KEYS[4])
 if redis.call('EXISTS', KEYS[5]) == 0 then return 0 end
 redis.call('RPUSH', KEYS[1], ARGV[1])
-redis.call('EXPIRE', KEYS[1], ARGV[2])
+-- Results last as long as the job's record (which its master keeps alive):
+-- a master that is gone leaves none behind for longer than its key_ttl.
+local ttl = redis.call('PTTL', KEYS[5])
+if ttl > 0 then
+  redis.call('PEXPIRE', KEYS[1], ttl)
+else
+  redis.call('EXPIRE', KEYS[1], ARGV[2])
+end
 return 1
 """
 
@@ -311,11 +368,42 @@ return #items
 
 REQUEUE = """
 -- KEYS: queue, proc of the worker that held it, start, alive   ARGV: message
--- Puts one task whose worker stopped answering back at the queue's front.
+-- Puts one task whose worker stopped answering back at the queue's front,
+-- unless it finished or got a heartbeat since the master looked (returns 0):
+-- the check and the move are one step, so a task is never put back twice.
+if redis.call('EXISTS', KEYS[3]) == 0 or redis.call('EXISTS', KEYS[4]) == 1 then
+  return 0
+end
 redis.call('DEL', KEYS[3], KEYS[4])
 redis.call('LREM', KEYS[2], 0, ARGV[1])
 redis.call('LPUSH', KEYS[1], ARGV[1])
 return 1
+"""
+
+KEEP_JOB = """
+-- KEYS: job record, env, out, attempts   ARGV: key ttl, env ttl, field, value, ...
+-- Extends the TTLs of a running job's keys and updates its progress, only
+-- while its record exists: a removed job's record must not come back.
+-- Returns 0 if the record is gone.
+redis.call('EXPIRE', KEYS[2], ARGV[2])
+if redis.call('EXPIRE', KEYS[1], ARGV[1]) == 0 then return 0 end
+redis.call('EXPIRE', KEYS[3], ARGV[1])
+redis.call('EXPIRE', KEYS[4], ARGV[1])
+if #ARGV > 2 then redis.call('HSET', KEYS[1], unpack(ARGV, 3)) end
+return 1
+"""
+
+JOB_QUEUED = """
+-- KEYS: queue   ARGV: job id
+-- 1 if a task of the job waits in the queue, else 0. Read in slices and
+-- stops at the first one, so a long queue is never copied whole.
+local prefix = 'PFT1 ' .. ARGV[1] .. ' '
+for first = 0, redis.call('LLEN', KEYS[1]) - 1, 1000 do
+  for _, msg in ipairs(redis.call('LRANGE', KEYS[1], first, first + 999)) do
+    if string.sub(msg, 1, #prefix) == prefix then return 1 end
+  end
+end
+return 0
 """
 
 DROP_JOB = """
@@ -338,4 +426,59 @@ end
 redis.call('DEL', KEYS[2], KEYS[3], KEYS[4])
 redis.call('SREM', KEYS[5], ARGV[1])
 return removed
+"""
+
+# Raw: the Lua pattern needs the two characters backslash and n.
+SNAPSHOT = r"""
+-- KEYS: queue   ARGV: '1' to count the queued tasks of each job
+-- Reads all that job control reports about a queue in one atomic step, so
+-- that its numbers agree with each other. Writes nothing. Returns
+-- {exists, jobs, workers, held, queued, length}:
+--   exists   how many of Q, Q.live, Q.workers, Q.jobs exist
+--   jobs     {job id, HGETALL of Q.job.J} for each id in Q.jobs
+--   workers  {worker id, HGETALL of Q.worker.W} for each registered worker
+--            whose record has not expired
+--   held     {worker id, task header, start value, alive PTTL, attempts} for
+--            each task in a processing list whose alive key exists
+--   queued   job id, count, job id, count ... (only if ARGV[1] is '1')
+local q = KEYS[1]
+local exists = redis.call('EXISTS', q, q .. '.live', q .. '.workers', q .. '.jobs')
+local jobs = {}
+for _, id in ipairs(redis.call('SMEMBERS', q .. '.jobs')) do
+  jobs[#jobs + 1] = {id, redis.call('HGETALL', q .. '.job.' .. id)}
+end
+local workers, held = {}, {}
+for _, wid in ipairs(redis.call('SMEMBERS', q .. '.workers')) do
+  local record = redis.call('HGETALL', q .. '.worker.' .. wid)
+  if #record > 0 then workers[#workers + 1] = {wid, record} end
+  for _, msg in ipairs(redis.call('LRANGE', q .. '.proc.' .. wid, 0, -1)) do
+    local head = string.match(msg, '^[^\n]*')
+    local job, task = string.match(head, '^PFT1 (%w+) (%d+) ')
+    if job then
+      local id = job .. '.' .. task
+      local ttl = redis.call('PTTL', q .. '.alive.' .. id)
+      if ttl ~= -2 then
+        held[#held + 1] = {
+          wid, head, redis.call('GET', q .. '.start.' .. id) or '', ttl,
+          redis.call('HGET', q .. '.attempts.' .. job, task) or ''}
+      end
+    end
+  end
+end
+local queued = {}
+if ARGV[1] == '1' then
+  -- In slices, so that a long queue is never copied whole at once.
+  local counts = {}
+  for first = 0, redis.call('LLEN', q) - 1, 1000 do
+    for _, msg in ipairs(redis.call('LRANGE', q, first, first + 999)) do
+      local job = string.match(msg, '^PFT1 (%w+) ')
+      if job then counts[job] = (counts[job] or 0) + 1 end
+    end
+  end
+  for job, n in pairs(counts) do
+    queued[#queued + 1] = job
+    queued[#queued + 1] = n
+  end
+end
+return {exists, jobs, workers, held, queued, redis.call('LLEN', q)}
 """

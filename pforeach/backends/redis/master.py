@@ -29,20 +29,21 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import redis
-
 from ... import serialize
-from ...errors import JobCancelledError, PayloadError
+from ...errors import JobCancelledError, PayloadError, SerializationError
 from ...job import Job, Task, TaskResult
-from .client import CONNECTION_ERRORS, Reconnecting
+from .client import CONNECTION_ERRORS, Reconnecting, reach
 from .keys import (
     DROP_JOB,
+    JOB_QUEUED,
+    KEEP_JOB,
     NOTICE_TAG,
-    REQUEUE,
     RECLAIM,
+    REQUEUE,
     TaskHeader,
     decode_outcome,
     parse_result,
+    parse_task,
 )
 from .values import part_keys, read_value, write_value
 
@@ -58,6 +59,7 @@ class _Inflight:
     message: bytes
     parts: dict[str, bytes]  # part key -> bytes, for a task too large for one key
     unseen_since: float | None = None  # no start key seen since (lost-result check)
+    rejected: int = 0  # results that failed their checks, and notices, so far
 
 
 class Master:
@@ -67,7 +69,8 @@ class Master:
         self.b = backend
         self.job = job
         self.keys = backend.keys
-        self.r: redis.Redis = backend.client
+        # redis-py annotates replies as sync-or-async unions; plain Any reads better.
+        self.r: Any = backend.client
         self.io = Reconnecting(backend.spec, backend.reconnect_timeout)
         self.inflight: dict[int, _Inflight] = {}
         self.exhausted = False
@@ -75,20 +78,25 @@ class Master:
         self.finished = 0
         self.iterations = 0
         self.run_id = ""
+        self._flowing = False  # results were waiting at the last look
         self.next_check = 0.0
         self._stop = threading.Event()
         self._job_missing = threading.Event()
         self._keeper: threading.Thread | None = None
         self._scripts = {
             name: self.r.register_script(src)
-            for name, src in (("drop", DROP_JOB), ("requeue", REQUEUE), ("reclaim", RECLAIM))
+            for name, src in (("drop", DROP_JOB), ("requeue", REQUEUE), ("reclaim", RECLAIM),
+                              ("queued", JOB_QUEUED))
         }
 
     # -- the run ---------------------------------------------------------------
 
     def run(self) -> Iterator[TaskResult]:
         job = self.job
-        job.env_bytes  # serialize (and fail on unshippable captures) first
+        _ = job.env_bytes  # serialize (and fail on unshippable captures) first
+        # A Redis that is not there (or refuses us) fails the loop at once,
+        # naming its address, rather than after reconnect_timeout.
+        reach(self.r, self.b.spec)
         completed = False
         try:
             self.io.call(self._open, "job submission")
@@ -112,12 +120,11 @@ class Master:
 
     def _open(self) -> None:
         job, keys, b = self.job, self.keys, self.b
-        self.run_id = str(self.r.info("server").get("run_id", ""))
-        self._upload_env(force=False)
-        record = {
+        self.run_id, address = b.server_facts()
+        record: dict[str, str | int | float] = {
             "user": getpass.getuser(),
             "host": socket.gethostname(),
-            "address": _own_address(self.r),
+            "address": address,
             "pid": os.getpid(),
             "submitted": time.time(),
             "env": job.env_hash,
@@ -127,12 +134,19 @@ class Master:
             "done": self.finished,
             "iterations_done": self.iterations,
         }
+        # One round trip: the record, and whether Redis already holds an
+        # identical environment (the same loop run again), kept alive if so.
         pipe = self.r.pipeline(transaction=False)
+        pipe.expire(keys.env(job.env_hash), int(b.env_ttl))
         pipe.hset(keys.job(job.job_id), mapping=record)
         pipe.expire(keys.job(job.job_id), int(b.key_ttl))
         pipe.sadd(keys.jobs, job.job_id)
         pipe.set(keys.live, 1)
-        pipe.execute()
+        env_present = pipe.execute()[0]
+        if env_present:
+            logger.debug("job %s: environment %s already in Redis", job.job_id, job.env_hash)
+        else:
+            self._upload_env()
         logger.info(
             "job %s: submitting to queue %s at %s", job.job_id, keys.queue, b.spec.describe()
         )
@@ -140,14 +154,9 @@ class Master:
             self._keeper = threading.Thread(target=self._keep_alive, daemon=True)
             self._keeper.start()
 
-    def _upload_env(self, force: bool) -> None:
+    def _upload_env(self) -> None:
         job, b = self.job, self.b
         key = self.keys.env(job.env_hash)
-        # An identical environment already in Redis (the same loop run again)
-        # is kept alive instead of uploaded again.
-        if not force and self.r.expire(key, int(b.env_ttl)):
-            logger.debug("job %s: environment %s already in Redis", job.job_id, job.env_hash)
-            return
         sealed = serialize.seal(
             job.env_bytes, self.keys.identity("env", job.env_hash), b.secret
         )
@@ -212,11 +221,15 @@ class Master:
 
     def _collect(self) -> Iterator[TaskResult]:
         out = self.keys.out(self.job.job_id)
-        messages = self.io.call(lambda: self.r.lpop(out, _BATCH), "collecting results")
+        messages: list[bytes] = []
+        if self._flowing:
+            messages = self.io.call(lambda: self.r.lpop(out, _BATCH), "collecting") or []
+        self._flowing = bool(messages)
         if not messages:
             wait = max(0.05, min(1.0, self.next_check - time.monotonic()))
             popped = self.io.call(lambda: self.r.blpop([out], timeout=wait), "waiting")
             messages = [popped[1]] if popped else []
+            self._flowing = bool(messages)  # more may be waiting behind it
         for message in messages:
             result = self._accept(message)
             if result is not None:
@@ -236,10 +249,23 @@ class Master:
             logger.debug("job %s: dropping a repeated result of task %d", job.job_id, task_id)
             return None
         if tag == NOTICE_TAG:
-            raise PayloadError(
-                f"job {job.job_id}: worker {wid} could not read task {task_id}: "
-                f"{body.decode(errors='replace')}"
+            # Our own message failed a worker's checks. Once may be a message
+            # damaged in Redis (it is sent again); twice is a worker that does
+            # not share our secret, which no retry cures.
+            text = body[:500].decode(errors="replace")
+            entry.rejected += 1
+            if entry.rejected >= 2:
+                raise PayloadError(
+                    f"job {job.job_id}: worker {wid} could not read task {task_id}: "
+                    f"{text}; the master and every worker must use the same secret "
+                    "(secret=, PFOREACH_SECRET or --secret-file)"
+                )
+            logger.warning(
+                "job %s: worker %s could not read task %d (%s); sending it again",
+                job.job_id, wid, task_id, text,
             )
+            self.io.call(lambda: self._push([entry.message], [entry], front=True), "resubmit")
+            return None
         key = self.keys.result_value(job_id, task_id, wid)
         try:
             sealed = self.io.call(lambda: read_value(self.r, key, body), "reading a result")
@@ -247,28 +273,50 @@ class Master:
                 sealed, self.keys.identity("result", job_id, task_id), self.b.secret
             )
             kind, value = decode_outcome(payload)
+            if kind == "ok" and value.task_id != task_id:
+                raise PayloadError(f"it holds the result of task {value.task_id}")
         except Exception as exc:
+            # Nothing of a result that fails its checks is unpickled; it is
+            # taken for lost and the task runs again. One that passes them but
+            # does not unpickle here fails the same way every time, so after a
+            # few tries its task fails with the reason.
+            entry.rejected += 1
+            if isinstance(exc, SerializationError) and entry.rejected >= job.max_attempts:
+                self._retire(task_id)
+                return TaskResult.failed(entry.task, SerializationError(
+                    f"job {job_id}: the result of task {task_id} from worker {wid} "
+                    f"cannot be read here: {exc}"
+                ))
             logger.warning(
-                "job %s: result of task %d from worker %s is unusable (%s); "
-                "running the task again", job.job_id, task_id, wid, exc,
+                "job %s: result of task %d from worker %s (at %s) is unusable (%s); "
+                "running the task again", job.job_id, task_id, wid,
+                self.keys.out(job_id), exc,
             )
             self.io.call(lambda: self._push([entry.message], [entry], front=True), "resubmit")
             return None
         finally:
-            if body[:1] != b"=":
-                self.r.delete(*part_keys(key, body))
+            stale = part_keys(key, body)
+            if stale:
+                self.r.delete(*stale)
         if kind == "noenv":
             logger.warning(
                 "job %s: worker %s found no environment; uploading it again", job.job_id, wid
             )
-            self.io.call(lambda: self._upload_env(force=True), "environment upload")
+            self.io.call(lambda: self._upload_env(), "environment upload")
             self.io.call(lambda: self._push([entry.message], [entry], front=True), "resubmit")
             return None
-        del self.inflight[task_id]
+        self._retire(task_id)
         if kind == "fail":
             return TaskResult.failed(entry.task, value)
-        assert isinstance(value, TaskResult)
-        return value
+        result: TaskResult = value
+        return result
+
+    def _retire(self, task_id: int) -> None:
+        """Forgets a finished task and deletes its arguments' part keys, if any:
+        nobody needs them any more, and a job leaves no keys behind."""
+        entry = self.inflight.pop(task_id)
+        if entry.parts:
+            self.io.call(lambda: self.r.delete(*entry.parts), "clean-up")
 
     # -- fault checks ----------------------------------------------------------
 
@@ -287,13 +335,21 @@ class Master:
                 "tasks again", self.job.job_id, self.b.spec.describe(), len(self.inflight),
             )
             self._job_missing.clear()
+            self.b.forget_server()
             self._open()
             entries = list(self.inflight.values())
             for start in range(0, len(entries), 512):
                 chunk = entries[start : start + 512]
                 self._push([e.message for e in chunk], chunk)
             return
-        if self._job_missing.is_set() or not self.r.exists(self.keys.job(self.job.job_id)):
+        # The keeper's flag only hurries the check: it may date from before a
+        # restart handled above, so the record itself decides.
+        self._job_missing.clear()
+        if not self.r.exists(self.keys.job(self.job.job_id)):
+            logger.warning(
+                "job %s: removed from queue %s (remove_job or remove_queue); stopping",
+                self.job.job_id, self.keys.queue,
+            )
             raise JobCancelledError(
                 f"job {self.job.job_id} was removed from queue {self.keys.queue}"
             )
@@ -309,14 +365,16 @@ class Master:
         for wid, alive in zip(wids, pipe.execute()):
             if alive:
                 continue
+            # Read first, only to say in the log which tasks go back.
+            held = self.r.lrange(keys.proc(wid), 0, -1)
             moved = self._scripts["reclaim"](
                 keys=[keys.queue, keys.proc(wid), keys.worker(wid), keys.workers, keys.count],
                 args=[wid, "0", "0"],
             )
             if moved and moved > 0:
                 logger.warning(
-                    "queue %s: worker %s stopped answering; %d task(s) it held went "
-                    "back to the queue", keys.queue, wid, moved,
+                    "queue %s: worker %s stopped answering; back to the queue: %s",
+                    keys.queue, wid, _describe_held(held),
                 )
 
     def _check_tasks(self) -> None:
@@ -326,36 +384,46 @@ class Master:
         for task_id in ids:
             pipe.get(keys.start(job.job_id, task_id))
             pipe.exists(keys.alive(job.job_id, task_id))
-        pipe.llen(keys.queue)
         replies = pipe.execute()
-        queue_empty = replies[-1] == 0
         now = time.monotonic()
-        lost = []
+        unseen = []
         for position, task_id in enumerate(ids):
             start, alive = replies[2 * position], replies[2 * position + 1]
             entry = self.inflight[task_id]
-            if start is not None:
+            if alive:
+                entry.unseen_since = None  # running (heartbeats keep it so)
+            elif start is not None:
                 entry.unseen_since = None
-                if not alive:
-                    wid = start.decode().split(" ")[0]
+                wid = bytes(start).decode().split(" ")[0]
+                # REQUEUE checks again, in the same step as the move: the
+                # task may have finished since the pipeline above.
+                if self._scripts["requeue"](
+                    keys=[keys.queue, keys.proc(wid), keys.start(job.job_id, task_id),
+                          keys.alive(job.job_id, task_id)],
+                    args=[entry.message],
+                ):
                     logger.warning(
                         "job %s: task %d (iterations %s) lost its worker %s; "
                         "resubmitting it", job.job_id, task_id, _span(entry.task), wid,
                     )
-                    self._scripts["requeue"](
-                        keys=[keys.queue, keys.proc(wid), keys.start(job.job_id, task_id),
-                              keys.alive(job.job_id, task_id)],
-                        args=[entry.message],
-                    )
-            elif queue_empty:
-                # Taken, never marked or its result lost: only decided after a
-                # whole interval, which any running worker outlasts by marking.
-                if entry.unseen_since is None:
-                    entry.unseen_since = now
-                elif now - entry.unseen_since >= self.b.ftinterval * 0.9:
-                    lost.append(entry)
-                    entry.unseen_since = None
             else:
+                unseen.append(entry)
+        if not unseen:
+            return
+        # Neither running nor finished: queued, or lost (taken but never
+        # marked, or its result gone). Lost is decided only once none of the
+        # job's tasks waits in the queue, for a whole interval: a worker that
+        # took a task marks it within milliseconds.
+        if self._scripts["queued"](keys=[keys.queue], args=[job.job_id]):
+            for entry in unseen:
+                entry.unseen_since = None
+            return
+        lost = []
+        for entry in unseen:
+            if entry.unseen_since is None:
+                entry.unseen_since = now
+            elif now - entry.unseen_since >= self.b.ftinterval * 0.9:
+                lost.append(entry)
                 entry.unseen_since = None
         if lost:
             logger.warning(
@@ -368,31 +436,34 @@ class Master:
 
     def _keep_alive(self) -> None:
         b, keys, job_id = self.b, self.keys, self.job.job_id
-        client = b.spec.connect()
-        interval = max(0.5, min(b.key_ttl, b.env_ttl) / 4)
-        try:
-            while not self._stop.wait(interval):
-                try:
+        client = b.aux_client()
+        # At least once a second: the record's progress counts feed job
+        # control (jobs(), `pforeach top`), which should not lag behind.
+        interval = max(0.5, min(1.0, b.key_ttl / 4, b.env_ttl / 4))
+        keep = client.register_script(KEEP_JOB)
+        while not self._stop.wait(interval):
+            try:
+                found = keep(
+                    keys=[keys.job(job_id), keys.env(self.job.env_hash), keys.out(job_id),
+                          keys.attempts(job_id)],
+                    args=[int(b.key_ttl), int(b.env_ttl),
+                          "tasks", self.submitted,
+                          "done", self.finished,
+                          "iterations_done", self.iterations,
+                          "total_tasks", self.submitted if self.exhausted else -1],
+                )
+                # Parts of a large task wait in Redis as long as the task
+                # waits in the queue, which may be longer than key_ttl.
+                parts = [k for e in list(self.inflight.values()) for k in e.parts]
+                if parts:
                     pipe = client.pipeline(transaction=False)
-                    pipe.expire(keys.job(job_id), int(b.key_ttl))
-                    pipe.expire(keys.env(self.job.env_hash), int(b.env_ttl))
-                    pipe.expire(keys.out(job_id), int(b.key_ttl))
-                    pipe.expire(keys.attempts(job_id), int(b.key_ttl))
-                    pipe.hset(keys.job(job_id), mapping={
-                        "tasks": self.submitted,
-                        "done": self.finished,
-                        "iterations_done": self.iterations,
-                        "total_tasks": self.submitted if self.exhausted else -1,
-                    })
-                    found = pipe.execute()[0]
-                except CONNECTION_ERRORS:
-                    continue  # the main loop reconnects and decides
-                if not found:
-                    self._job_missing.set()
-                    # HSET above recreated a bare record; remove it again.
-                    client.delete(keys.job(job_id))
-        finally:
-            client.close()
+                    for key in parts:
+                        pipe.expire(key, int(b.key_ttl))
+                    pipe.execute()
+            except CONNECTION_ERRORS:
+                continue  # the main loop reconnects and decides
+            if not found:
+                self._job_missing.set()
 
     def _close(self, completed: bool) -> None:
         self._stop.set()
@@ -404,13 +475,21 @@ class Master:
                 # An interrupt may have cut a command short, leaving a reply
                 # unread on a pooled connection: start from clean connections.
                 self.r.connection_pool.disconnect()
-            client = self.b.cleanup_client()
-            removed = self._scripts["drop"](
-                keys=[keys.queue, keys.out(job.job_id), keys.job(job.job_id),
-                      keys.attempts(job.job_id), keys.jobs],
-                args=[job.job_id],
-                client=client,
-            )
+            client = self.b.aux_client()
+            removed = 0
+            if completed:
+                # Nothing of the job is left in the queue: skip the scan.
+                pipe = client.pipeline(transaction=False)
+                pipe.delete(keys.out(job.job_id), keys.job(job.job_id), keys.attempts(job.job_id))
+                pipe.srem(keys.jobs, job.job_id)
+                pipe.execute()
+            else:
+                removed = self._scripts["drop"](
+                    keys=[keys.queue, keys.out(job.job_id), keys.job(job.job_id),
+                          keys.attempts(job.job_id), keys.jobs],
+                    args=[job.job_id],
+                    client=client,
+                )
             if self.inflight:
                 pipe = client.pipeline(transaction=False)
                 for task_id, entry in self.inflight.items():
@@ -418,10 +497,11 @@ class Master:
                                 *entry.parts)
                 pipe.execute()
             if not completed:
+                # How many of the others run is not known here: remove_job
+                # may have taken queued ones before this clean-up.
                 logger.info(
-                    "job %s: cancelled; %d queued task(s) removed, %d running task(s) "
-                    "will finish and their results expire", job.job_id, removed,
-                    len(self.inflight) - removed,
+                    "job %s: cancelled; %d queued task(s) removed; tasks already "
+                    "running finish and their results expire", job.job_id, removed,
                 )
         except CONNECTION_ERRORS as exc:
             logger.warning(
@@ -440,14 +520,21 @@ class _Collect:
         self.parts[key] = value
 
 
+def _describe_held(messages: list[bytes]) -> str:
+    """``job J task T (iterations S)`` for each task message, for the log."""
+    described = []
+    for message in messages:
+        try:
+            header, _ = parse_task(message)
+        except PayloadError:
+            described.append("an unreadable task")
+            continue
+        described.append(
+            f"job {header.job_id} task {header.task_id} (iterations {header.span})"
+        )
+    return ", ".join(described)
+
+
 def _span(task: Task) -> str:
     first, last = task.items[0][0], task.items[-1][0]
     return str(first) if first == last else f"{first}-{last}"
-
-
-def _own_address(client: redis.Redis) -> str:
-    try:
-        info = client.client_info()
-        return str(info.get("addr", "")).rpartition(":")[0]
-    except redis.RedisError:
-        return ""

@@ -20,6 +20,17 @@ PARTS = b"#"
 #: Default part size: well under Redis's 512 MB limit on one value.
 DEFAULT_PART_SIZE = 128 * 1024 * 1024
 
+#: The most parts a blob may name: far beyond any real value, and low enough
+#: that a forged ``#<huge>`` costs a reader nothing.
+MAX_PARTS = 1_000_000
+
+
+def _part_count(key: str, blob: bytes) -> int:
+    digits = blob[1:21]
+    if not digits.isdigit() or len(blob) > 21 or not 1 <= int(digits) <= MAX_PARTS:
+        raise PayloadError(f"{key}: malformed part count {blob[1:20]!r}")
+    return int(digits)
+
 
 def write_value(pipe: Any, key: str, data: bytes, part_size: int, ttl: float) -> bytes:
     """Queues the writes of ``data`` on ``pipe`` and returns its blob.
@@ -45,10 +56,7 @@ def read_value(client: Any, key: str, blob: bytes) -> bytes:
         return blob[1:]
     if blob[:1] != PARTS:
         raise PayloadError(f"{key}: unknown value encoding {blob[:1]!r}")
-    try:
-        count = int(blob[1:])
-    except ValueError:
-        raise PayloadError(f"{key}: malformed part count {blob[1:20]!r}") from None
+    count = _part_count(key, blob)
     chunks = []
     for number in range(count):
         part = client.get(part_key(key, number))
@@ -63,6 +71,6 @@ def part_keys(key: str, blob: bytes) -> list[str]:
     if blob[:1] != PARTS:
         return []
     try:
-        return [part_key(key, n) for n in range(int(blob[1:]))]
-    except ValueError:
+        return [part_key(key, n) for n in range(_part_count(key, blob))]
+    except PayloadError:
         return []

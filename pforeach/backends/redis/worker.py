@@ -21,6 +21,7 @@ starts and ``I`` when it is done.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import pickle
@@ -43,16 +44,17 @@ import redis
 
 from ... import serialize
 from ...errors import (
+    BackendUnavailableError,
     OptionError,
     PayloadError,
     SerializationError,
     TaskTimeoutError,
     WorkerLostError,
 )
-from ...job import JobEnv, LoadedEnv, TaskResult
+from ...job import Failure, JobEnv, LoadedEnv, Task, TaskResult
 from ...rng import SeedPlan
 from .backend import load_secret, warn_if_exposed
-from .client import CONNECTION_ERRORS, ConnectionSpec, Reconnecting
+from .client import CONNECTION_ERRORS, ConnectionSpec, Reconnecting, reach
 from .keys import (
     FINISH,
     NOTICE_TAG,
@@ -152,12 +154,14 @@ class Worker:
     def __init__(self, config: WorkerConfig, report: Callable[[str], None] | None = None) -> None:
         self.config = config
         self.wid = new_worker_id()
-        self.r: redis.Redis = config.spec.connect()
+        # redis-py annotates replies as sync-or-async unions; plain Any reads better.
+        self.r: Any = config.spec.connect()
         self.io = Reconnecting(config.spec, config.reconnect_timeout)
         self.report = report
         self.current = _Current()
         self.stopping = False
         self._running = False
+        self._waiting = False  # blocked waiting for a task
         self._envs: OrderedDict[str, JobEnv] = OrderedDict()
         self._loaded: OrderedDict[str, LoadedEnv] = OrderedDict()
         self._turn = 0
@@ -166,6 +170,7 @@ class Worker:
         self._finish = self.r.register_script(FINISH)
         self._reclaim = self.r.register_script(RECLAIM)
         self._parent = os.getppid()
+        self._run_id = ""
 
     # -- life cycle --------------------------------------------------------------
 
@@ -207,7 +212,15 @@ class Worker:
             pipe.expire(keys.worker(self.wid), int(self.config.alive_ttl))
             pipe.incr(keys.count)
             pipe.set(keys.live, 1, nx=True)
-        pipe.execute()
+        _execute_logged(pipe, f"worker {self.wid}: registration")
+        self._run_id = self._server_id()
+
+    def _server_id(self) -> str:
+        """The Redis server's run id ("" if INFO is not allowed)."""
+        try:
+            return str(self.r.info("server").get("run_id", ""))
+        except redis.ResponseError:
+            return ""
 
     def _unregister(self) -> None:
         """Hands back anything still held and removes the worker's keys."""
@@ -218,7 +231,7 @@ class Worker:
                           keys.workers, keys.count],
                     args=[self.wid, "1", "1"],
                 )
-        except CONNECTION_ERRORS as exc:
+        except (redis.RedisError, OSError) as exc:  # lost, or a key of the wrong type
             logger.warning("worker %s: could not unregister (%s)", self.wid, exc)
         self.r.close()
 
@@ -233,6 +246,15 @@ class Worker:
         )
 
     def _check_queues(self) -> None:
+        if self.io.reconnected:
+            # A Redis that restarted empty forgot this worker and its queues'
+            # live keys: register again, or the worker would take its queues
+            # for removed and exit after the linger time.
+            self.io.reconnected = False
+            run_id = self._server_id()
+            if not run_id or run_id != self._run_id:
+                logger.warning("worker %s: Redis restarted; registering again", self.wid)
+                self._register()
         pipe = self.r.pipeline(transaction=False)
         for keys in self.config.keys:
             pipe.exists(keys.live)
@@ -264,10 +286,21 @@ class Worker:
             self._turn = (self._turn + 1) % len(keys_list)
             keys = keys_list[self._turn]
             wait = self.config.block if len(keys_list) == 1 else min(self.config.block, 0.2)
-            moved = self.io.call(
-                lambda: self.r.blmove(keys.queue, keys.proc(self.wid), wait, "LEFT", "RIGHT"),
-                "waiting for tasks",
-            )
+            # SIGTERM interrupts this wait (see on_sigterm), however long it
+            # is: a task moved meanwhile is in the processing list, which
+            # _unregister hands back.
+            self._waiting = True
+            try:
+                if self.stopping:
+                    return None
+                moved = self.io.call(
+                    lambda: self.r.blmove(
+                        keys.queue, keys.proc(self.wid), wait, "LEFT", "RIGHT"
+                    ),
+                    "waiting for tasks",
+                )
+            finally:
+                self._waiting = False
             if moved is None:
                 self.io.call(self._check_queues, "queue check")
                 return None
@@ -281,27 +314,93 @@ class Worker:
         return keys_list[int(index) - 1], message, int(attempt)
 
     def _step(self) -> None:
-        taken = self._next_message()
+        try:
+            taken = self._next_message()
+        except redis.ResponseError as exc:
+            self._refused(exc)
+            return
         if taken is None:
+            return
+        if self.stopping:
+            # SIGTERM came while waiting for this task: it stays in the
+            # processing list, and _unregister hands it back uncounted.
             return
         keys, message, attempt = taken
         if attempt == 0:
             logger.debug("worker %s: dropped a task of a removed job", self.wid)
             return
         try:
-            header, blob = parse_task(message)
-        except PayloadError as exc:
+            # The payload is checked before the task counts as started, and
+            # before anything of it is unpickled.
+            try:
+                if attempt < 0:  # the scripts could not read its header
+                    parse_task(message)
+                    raise PayloadError("the header does not match the scripts' pattern")
+                header, payload = check_task(message, keys, self.config.secret, self._read)
+            except PayloadError as exc:
+                self._reject(keys, message, exc)
+                return
+            self._begin(keys, header)
+            try:
+                self._run(keys, header, payload, attempt)
+            finally:
+                self._end()
+        except redis.ResponseError as exc:
+            # Not a lost connection: a key holds the wrong type (Q.out.J a
+            # string, say) or a command is not allowed. Only this task suffers.
+            logger.warning(
+                "worker %s: Redis refused a command while serving a task of queue %s "
+                "(%s); skipping the task", self.wid, keys.queue, exc,
+            )
+            self.io.call(lambda: self.r.delete(keys.proc(self.wid)), "clean-up")
+
+    def _read(self, key: str) -> bytes | None:
+        """GET through reconnects; a key of the wrong type reads as a bad payload."""
+        try:
+            value: bytes | None = self.io.call(lambda: self.r.get(key), f"reading {key}")
+        except redis.ResponseError as exc:
+            raise PayloadError(f"{key}: {exc}") from None
+        return value
+
+    def _reject(self, keys: Keys, message: bytes, exc: PayloadError) -> None:
+        """Drops a task that failed its checks, unread, and tells its master if it can."""
+        try:
+            header, _ = parse_task(message)
+        except PayloadError:
             logger.warning(
                 "worker %s: dropping a malformed message from queue %s: %s",
                 self.wid, keys.queue, exc,
             )
             self.io.call(lambda: self.r.delete(keys.proc(self.wid)), "clean-up")
             return
-        self._begin(keys, header)
-        try:
-            self._run(keys, header, blob, attempt)
-        finally:
-            self._end()
+        logger.warning(
+            "worker %s: rejected task %d of job %s from queue %s: %s",
+            self.wid, header.task_id, header.job_id, keys.queue, exc,
+        )
+        self._notice(keys, header, str(exc))
+
+    def _refused(self, exc: redis.ResponseError) -> None:
+        """Taking a task failed with an error from Redis, not a lost connection.
+
+        Either a key holds the wrong type or the ACL forbids a command. The
+        worker's own processing list, if that is the culprit, is removed (it
+        belongs to this worker alone and holds no task between tasks); the
+        pause keeps a lasting fault from spinning.
+        """
+        logger.warning("worker %s: Redis refused to hand out a task: %s", self.wid, exc)
+        for keys in self.config.keys:
+            proc = keys.proc(self.wid)
+            try:
+                kind = self.io.call(functools.partial(self.r.type, proc), "clean-up")
+                if kind not in (b"list", b"none", "list", "none"):
+                    logger.warning(
+                        "worker %s: %s holds a %s, not a list; removing it",
+                        self.wid, proc, kind.decode() if isinstance(kind, bytes) else kind,
+                    )
+                    self.io.call(functools.partial(self.r.delete, proc), "clean-up")
+            except redis.ResponseError as error:
+                logger.warning("worker %s: cannot inspect %s: %s", self.wid, proc, error)
+        time.sleep(min(self.config.block, 1.0))
 
     def _begin(self, keys: Keys, header: TaskHeader) -> None:
         self.current = _Current(
@@ -318,7 +417,9 @@ class Worker:
         if self.report is not None:
             self.report("I")
 
-    def _run(self, keys: Keys, header: TaskHeader, blob: bytes, attempt: int) -> None:
+    def _run(
+        self, keys: Keys, header: TaskHeader, payload: memoryview, attempt: int
+    ) -> None:
         job_id, task_id = header.job_id, header.task_id
         if attempt > header.max_attempts:
             logger.warning(
@@ -335,23 +436,17 @@ class Worker:
         if env is None:
             self._push(keys, header, "noenv", None)
             return
-        identity = keys.identity("task", job_id, task_id, header.encode().decode())
         try:
-            sealed = self.io.call(
-                lambda: read_value(self.r, keys.task_value(job_id, task_id), blob), "task read"
-            )
-            payload = serialize.unseal(sealed, identity, self.config.secret)
+            task = load_task(header, payload)
+        except SerializationError as exc:
+            self._push(keys, header, "fail", exc)
+            return
         except PayloadError as exc:
             logger.warning(
                 "worker %s: rejected task %d of job %s from queue %s: %s",
                 self.wid, task_id, job_id, keys.queue, exc,
             )
             self._notice(keys, header, str(exc))
-            return
-        try:
-            task = serialize.loads(payload)
-        except SerializationError as exc:
-            self._push(keys, header, "fail", exc)
             return
         seeds = SeedPlan(header.seed, header.np_seed)
         started = time.monotonic()
@@ -360,6 +455,7 @@ class Worker:
             "worker %s: job %s task %d done in %.3fs",
             self.wid, job_id, task_id, time.monotonic() - started,
         )
+        _log_failures(self.wid, job_id, result)
         self._push(keys, header, "ok", result)
 
     def _execute(
@@ -374,7 +470,7 @@ class Worker:
         )
         if alarm:
             previous = signal.signal(signal.SIGALRM, _raise_timeout)
-            signal.setitimer(signal.ITIMER_REAL, header.timeout)
+            signal.setitimer(signal.ITIMER_REAL, float(header.timeout or 0))
         self._running = True
         try:
             return env.run(task, seeds)
@@ -399,7 +495,14 @@ class Worker:
         else:
             key = keys.env(header.env_hash)
             started = time.monotonic()
-            blob = self.io.call(lambda: self.r.get(key), "environment download")
+            try:
+                blob = self._read(key)
+            except PayloadError as exc:
+                logger.warning(
+                    "worker %s: job %s: rejected environment %s: %s",
+                    self.wid, header.job_id, key, str(exc).removeprefix(key + ": "),
+                )
+                return None
             if blob is None:
                 logger.warning(
                     "worker %s: job %s: environment %s is not in Redis",
@@ -407,6 +510,8 @@ class Worker:
                 )
                 return None
             loaded = self._load_env(keys, header, blob)
+            if loaded is None:
+                return None
             logger.info(
                 "worker %s: job %s: loaded environment %s (%d bytes, %.3fs)",
                 self.wid, header.job_id, header.env_hash, len(blob),
@@ -417,18 +522,23 @@ class Worker:
             self._loaded.popitem(last=False)
         return loaded
 
-    def _load_env(self, keys: Keys, header: TaskHeader, blob: bytes) -> LoadedEnv:
+    def _load_env(self, keys: Keys, header: TaskHeader, blob: bytes) -> LoadedEnv | None:
+        """The environment at ``blob``; None if it fails its checks (it is
+        not unpickled then, and the master is asked to upload it again)."""
         key = keys.env(header.env_hash)
+        identity = keys.identity("env", header.env_hash)
         try:
-            sealed = self.io.call(lambda: read_value(self.r, key, blob), "environment download")
-            payload = serialize.unseal(
-                sealed, keys.identity("env", header.env_hash), self.config.secret
-            )
+            sealed = read_value(_PartReader(self._read), key, blob)
+            payload = serialize.unseal(sealed, identity, self.config.secret)
             if serialize.digest(bytes(payload)) != header.env_hash:
-                raise PayloadError(f"{key}: content does not match its hash")
+                raise PayloadError("content does not match its hash")
         except PayloadError as exc:
-            logger.warning("worker %s: rejected environment %s: %s", self.wid, key, exc)
-            return LoadedEnv.failing(header.job_id, exc)
+            reason = str(exc).removeprefix(identity + ": ").removeprefix(key + ": ")
+            logger.warning(
+                "worker %s: job %s: rejected environment %s: %s",
+                self.wid, header.job_id, key, reason,
+            )
+            return None
         loaded = LoadedEnv.load(payload, header.job_id)
         if not loaded.broken:
             self._envs[header.env_hash] = loaded.env
@@ -455,8 +565,98 @@ class Worker:
 
     def on_sigterm(self, signum: int, frame: FrameType | None) -> None:
         self.stopping = True
-        if self._running:
+        if self._running or self._waiting:
             raise _Stop()
+
+
+class _PartReader:
+    """Gives :func:`read_value` a ``get`` backed by any read function."""
+
+    def __init__(self, read: Callable[[str], bytes | None]) -> None:
+        self.get = read
+
+
+def check_task(
+    message: bytes,
+    keys: Keys,
+    secret: bytes | None,
+    read_part: Callable[[str], bytes | None],
+) -> tuple[TaskHeader, memoryview]:
+    """Parses a task message and checks its payload, unpickling nothing.
+
+    This and :func:`load_task` are all a worker does to a message it takes;
+    neither needs a Redis, so both can be tried on any bytes.
+
+    Args:
+        message: the message as taken from the queue.
+        keys: the queue's keys.
+        secret: the shared HMAC key, or None.
+        read_part: returns the bytes stored at a key, or None; used for the
+            parts of a payload too large for the message.
+
+    Returns:
+        The header and the checked (still serialized) task.
+
+    Raises:
+        PayloadError: the message is malformed, a part is missing, or the
+            payload fails its envelope or signature check.
+    """
+    header, blob = parse_task(message)
+    # Bound to the header line exactly as it came (the master signs the bytes
+    # it sends), so that no rewrite of it, however equivalent, passes.
+    line = message[: len(message) - len(blob)].decode("ascii")
+    identity = keys.identity("task", header.job_id, header.task_id, line)
+    where = keys.task_value(header.job_id, header.task_id)
+    sealed = read_value(_PartReader(read_part), where, blob)
+    try:
+        return header, serialize.unseal(sealed, identity, secret)
+    except PayloadError as exc:
+        # The identity holds the whole header line, which the caller names
+        # better (job, task and queue): keep the reason only.
+        raise PayloadError(str(exc).removeprefix(identity + ": ")) from None
+
+
+def load_task(header: TaskHeader, payload: bytes | memoryview) -> Task:
+    """Unpickles a payload that :func:`check_task` let through.
+
+    Raises:
+        SerializationError: it does not unpickle here (a missing module, say).
+        PayloadError: it is not the task its header names.
+    """
+    task = serialize.loads(payload)
+    # Without a secret nothing vouches for the bytes: check the shape the
+    # worker relies on, so that a malformed task fails here, not mid-run.
+    items = getattr(task, "items", None)
+    if not (
+        isinstance(task, Task)
+        and getattr(task, "task_id", None) == header.task_id
+        and isinstance(items, list)
+        and all(
+            isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], int)
+            and isinstance(item[1], dict) and all(isinstance(k, str) for k in item[1])
+            for item in items
+        )
+    ):
+        raise PayloadError(
+            f"job {header.job_id}: the payload of task {header.task_id} is not "
+            f"that task (a {type(task).__name__})"
+        )
+    return task
+
+
+def decode_task(
+    message: bytes,
+    keys: Keys,
+    secret: bytes | None,
+    read_part: Callable[[str], bytes | None],
+) -> tuple[TaskHeader, Task]:
+    """:func:`check_task` then :func:`load_task`: a message to a runnable task.
+
+    Raises:
+        PayloadError, SerializationError: as those two do; nothing else.
+    """
+    header, payload = check_task(message, keys, secret, read_part)
+    return header, load_task(header, payload)
 
 
 def push_result(
@@ -498,11 +698,23 @@ def finish_task(
         lambda: finish(
             keys=[keys.out(job_id), keys.start(job_id, task_id), keys.alive(job_id, task_id),
                   keys.proc(wid), keys.job(job_id)],
-            args=[message, int(config.key_ttl)],
+            args=[message, int(config.key_ttl), wid],
             client=r,
         ),
         "result push",
     )
+
+
+def _log_failures(wid: str, job_id: str, result: TaskResult) -> None:
+    """One warning per task whose body raised, naming the first failure."""
+    failed = [(i, v) for i, v in result.items if isinstance(v, Failure)]
+    if failed:
+        index, first = failed[0]
+        logger.warning(
+            "worker %s: job %s task %d: %d of %d iteration(s) failed; "
+            "first: iteration %d: %s: %s", wid, job_id, result.task_id, len(failed),
+            result.size, index, type(first.error).__name__, first.error,
+        )
 
 
 def _raise_timeout(signum: int, frame: FrameType | None) -> None:
@@ -519,7 +731,7 @@ def _timeout_error(header: TaskHeader) -> TaskTimeoutError:
 # -- heartbeats --------------------------------------------------------------------
 
 
-def beat(r: redis.Redis, config: WorkerConfig, wid: str, current: _Current) -> None:
+def beat(r: Any, config: WorkerConfig, wid: str, current: _Current) -> None:
     """Refreshes one worker's key and, if it runs a task, the task's alive key."""
     ttl = int(config.alive_ttl)
     pipe = r.pipeline(transaction=False)
@@ -530,13 +742,40 @@ def beat(r: redis.Redis, config: WorkerConfig, wid: str, current: _Current) -> N
             "task": "" if current.task_id < 0 else current.task_id,
             "since": current.since or "",
             "tasks_done": current.tasks_done,
+            "beat": f"{time.time():.3f}",  # for job control's reports
         })
         pipe.expire(keys.worker(wid), ttl)
         if current.job_id and keys.queue == current.queue:
             # Only refresh: TAKE creates the key and FINISH deletes it, and a
             # beat that lags behind a finished task must not bring it back.
             pipe.expire(keys.alive(current.job_id, current.task_id), ttl)
-    pipe.execute()
+            # The start key lasts key_ttl; a task may run for longer.
+            pipe.expire(keys.start(current.job_id, current.task_id), int(config.key_ttl))
+    if _execute_logged(pipe, f"worker {wid}: heartbeat"):
+        # The worker's own record may hold the wrong type; it is this
+        # worker's alone, so it is removed and the next beat writes it anew.
+        for keys in config.keys:
+            kind = r.type(keys.worker(wid))
+            if kind not in (b"hash", b"none", "hash", "none"):
+                logger.warning(
+                    "worker %s: %s holds a %s, not a hash; removing it",
+                    wid, keys.worker(wid), kind.decode() if isinstance(kind, bytes) else kind,
+                )
+                r.delete(keys.worker(wid))
+
+
+def _execute_logged(pipe: Any, what: str) -> bool:
+    """Runs a pipeline whose commands stand alone: one that Redis refuses (a
+    key of the wrong type, say) is logged instead of failing the others and
+    the process (a lost connection still raises). Returns whether any was."""
+    refused = False
+    for reply in pipe.execute(raise_on_error=False):
+        if isinstance(reply, CONNECTION_ERRORS):
+            raise reply
+        if isinstance(reply, redis.ResponseError):
+            logger.warning("%s: Redis refused a command: %s", what, reply)
+            refused = True
+    return refused
 
 
 class _OwnHeartbeat:
@@ -554,8 +793,8 @@ class _OwnHeartbeat:
         while not self._stop.wait(w.config.alive_ttl / 3):
             try:
                 beat(self._client, w.config, w.wid, w.current)
-            except CONNECTION_ERRORS:
-                continue
+            except (redis.RedisError, OSError):
+                continue  # lost (the next beat retries) or refused (beat logged it)
 
     def stop(self) -> None:
         self._stop.set()
@@ -623,6 +862,7 @@ class _Child:
     buffer: bytes = b""
     wid: str = ""
     current: _Current = field(default_factory=_Current)
+    started: float = field(default_factory=time.monotonic)
 
 
 class Supervisor:
@@ -636,12 +876,12 @@ class Supervisor:
         self.grace = grace
         self.children: list[_Child] = []
         self.stopping = False
-        self.r = config.spec.connect()
+        self.r: Any = config.spec.connect()
         self.io = Reconnecting(config.spec, config.reconnect_timeout)
         self._finish = self.r.register_script(FINISH)
         self._reclaim = self.r.register_script(RECLAIM)
         self._restart_delay = 0.0
-        self._queues_gone = False
+        self._restarts: list[float] = []  # when to start replacements
 
     def _spawn(self) -> _Child:
         read_fd, write_fd = os.pipe()
@@ -660,6 +900,13 @@ class Supervisor:
         """Supervises until stopped (SIGTERM, Ctrl+C) or the queues are removed."""
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
+        try:
+            # Workers may start before Redis does and wait for it, but refused
+            # credentials or a certificate that does not verify are final.
+            self.io.call(self.r.ping, "start")
+        except BackendUnavailableError as exc:
+            logger.error("supervisor %d: %s", os.getpid(), exc)
+            raise
         self.children = [self._spawn() for _ in range(self.n)]
         logger.info(
             "supervisor %d: %d worker(s) serving %s at %s", os.getpid(), self.n,
@@ -668,11 +915,12 @@ class Supervisor:
         interval = self.config.alive_ttl / 3
         next_beat = 0.0
         try:
-            while not self.stopping and self.children:
+            while not self.stopping and (self.children or self._restarts):
                 timeout = max(0.0, min(next_beat - time.monotonic(), 0.5))
                 self._read_status(timeout)
                 self._check_children()
                 self._check_timeouts()
+                self._start_due()
                 if time.monotonic() >= next_beat:
                     self._beat()
                     next_beat = time.monotonic() + interval
@@ -718,8 +966,8 @@ class Supervisor:
         if child.wid:
             try:
                 beat(self.r, self.config, child.wid, child.current)
-            except CONNECTION_ERRORS:
-                pass
+            except (redis.RedisError, OSError):
+                pass  # lost (the next beat retries) or refused (beat logged it)
 
     def _beat(self) -> None:
         for child in self.children:
@@ -735,8 +983,12 @@ class Supervisor:
             self.children.remove(child)
             os.close(child.status)
             if code == EXIT_DONE:
+                # It stopped on purpose (queues removed, SIGTERM, supervisor
+                # gone) and handed back its task itself: no replacement.
                 logger.info("worker %s exited", child.wid or child.proc.pid)
-                self._queues_gone = True
+                # A beat sent between its own unregistering and its exit may
+                # have registered it again; no beat follows this one.
+                self._release(child, uncount=True)
                 continue
             logger.warning(
                 "worker %s (pid %d) died with exit code %s%s", child.wid or "?",
@@ -745,8 +997,8 @@ class Supervisor:
                 "its task goes back to the queue" if child.current.job_id else "",
             )
             self._release(child, uncount=False)
-            if not self.stopping and not self._queues_gone:
-                self._restart()
+            if not self.stopping:
+                self._restart(child)
 
     def _read_rest(self, child: _Child) -> None:
         try:
@@ -759,13 +1011,29 @@ class Supervisor:
                 self._status_line(child, line.decode())
         child.buffer = b""
 
-    def _restart(self) -> None:
-        # A worker that dies at once again and again (a broken install, say)
-        # is restarted ever more slowly instead of in a tight loop.
-        if self._restart_delay:
-            time.sleep(self._restart_delay)
-        self._restart_delay = min(max(self._restart_delay * 2, 0.1), 10.0)
-        self.children.append(self._spawn())
+    def _restart(self, dead: _Child) -> None:
+        """Schedules a replacement for a worker that died.
+
+        Workers that die young again and again (a broken install, a body that
+        kills its process) are replaced ever more slowly instead of in a
+        tight loop: up to 10 s apart if they die before registering, 1 s if
+        they die while serving. The wait is scheduled, never slept, so that
+        heartbeats for the other workers go on meanwhile.
+        """
+        now = time.monotonic()
+        if now - dead.started >= 10.0:
+            self._restart_delay = 0.0
+        self._restarts.append(now + self._restart_delay)
+        if now - dead.started < 10.0:
+            cap = 1.0 if dead.wid else 10.0
+            self._restart_delay = min(max(self._restart_delay * 2, 0.1), cap)
+
+    def _start_due(self) -> None:
+        now = time.monotonic()
+        due = [t for t in self._restarts if t <= now]
+        if due and not self.stopping:
+            self._restarts = [t for t in self._restarts if t > now]
+            self.children.extend(self._spawn() for _ in due)
 
     def _release(self, child: _Child, uncount: bool) -> None:
         """Puts a gone worker's task back on its queue and unregisters it."""
@@ -773,10 +1041,15 @@ class Supervisor:
             return
         for keys in self.config.keys:
             try:
-                self.io.call(lambda k=keys: self._reclaim(
-                    keys=[k.queue, k.proc(child.wid), k.worker(child.wid), k.workers, k.count],
-                    args=[child.wid, "1", "1" if uncount else "0"],
-                ), "reclaim")
+                self.io.call(
+                    functools.partial(
+                        self._reclaim,
+                        keys=[keys.queue, keys.proc(child.wid), keys.worker(child.wid),
+                              keys.workers, keys.count],
+                        args=[child.wid, "1", "1" if uncount else "0"],
+                    ),
+                    "reclaim",
+                )
             except Exception as exc:
                 logger.warning("could not release worker %s: %s", child.wid, exc)
 
@@ -801,7 +1074,10 @@ class Supervisor:
                 push_result(self.r, self._finish, keys, child.wid, cur.job_id, cur.task_id,
                             "fail", payload, self.config, self.io)
             except Exception as exc:
-                logger.warning("could not report the timeout of task %d: %s", cur.task_id, exc)
+                logger.warning(
+                    "worker %s: job %s task %d: could not report its timeout: %s",
+                    child.wid, cur.job_id, cur.task_id, exc,
+                )
             self._release(child, uncount=False)
             if not self.stopping:
                 self.children.append(self._spawn())
@@ -851,11 +1127,33 @@ def child_main() -> None:
     status = os.fdopen(int(sys.argv[1]), "w", buffering=1)
 
     def report(line: str) -> None:
-        status.write(line + "\n")
+        try:
+            status.write(line + "\n")
+        except OSError:
+            pass  # the supervisor is gone; SIGTERM (below) or _serving stops us
 
     worker = Worker(config, report)
     signal.signal(signal.SIGTERM, worker.on_sigterm)
+    # Nobody beats for a worker whose supervisor died, so its task would be
+    # taken for lost: have the kernel send SIGTERM at once, which hands the
+    # task back and exits, rather than finish a run that counts for nothing.
+    _term_when_parent_dies(worker._parent)
     sys.exit(worker.serve())
+
+
+def _term_when_parent_dies(parent: int) -> None:
+    """Asks Linux for SIGTERM when this process's parent dies (elsewhere: no-op)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # it died before the request was made
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def supervisor_main() -> None:
@@ -905,6 +1203,7 @@ class LocalWorkers:
         client = self.config.spec.connect()
         deadline = time.monotonic() + timeout
         try:
+            reach(client, self.config.spec)  # a clear error for refused credentials
             while len(set(live_worker_ids(client, keys)) & self._wids(client, keys)) < self.n:
                 if self.proc.poll() is not None:
                     raise RuntimeError(f"the workers exited with code {self.proc.returncode}")
@@ -915,12 +1214,14 @@ class LocalWorkers:
             client.close()
         return self
 
-    def _wids(self, client: redis.Redis, keys: Keys) -> set[str]:
+    def _wids(self, client: Any, keys: Keys) -> set[str]:
         pids = {str(p) for p in self.child_pids()}
         found = set()
         for wid in client.smembers(keys.workers):
-            text = wid.decode()
-            if text.rsplit("-", 2)[-2] in pids:
+            text = wid.decode(errors="replace")
+            # host-pid-random; other processes may register ids of any shape
+            parts = text.rsplit("-", 2)
+            if len(parts) == 3 and parts[1] in pids:
                 found.add(text)
         return found
 

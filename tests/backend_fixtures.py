@@ -1,0 +1,102 @@
+"""The ``backend`` fixture: runs a test once per backend, with that backend registered.
+
+Import it into a test module with::
+
+    from backend_fixtures import backend  # noqa: F401
+
+Backends that start processes are built once and shared by every test of the
+session (they are closed when the session ends), so a test pays for a loop,
+not for starting workers. To cover another backend, add its name to
+``BACKENDS`` and a branch to :func:`_start`.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from pforeach import (
+    Backend,
+    LocalBackend,
+    SequentialBackend,
+    register_backend,
+    registered_backend,
+)
+
+BACKENDS = ["sequential", "local"]
+
+#: Worker processes of the shared LocalBackend.
+LOCAL_WORKERS = 2
+
+#: How long a test waits for something another process should do.
+DEADLINE = 30.0
+
+_shared: dict[str, Backend] = {}
+
+
+def _start(name: str, request: pytest.FixtureRequest) -> Backend:
+    """Builds the backend called ``name``; ``request`` can reach other fixtures."""
+    if name == "sequential":
+        return SequentialBackend()
+    if name == "local":
+        return LocalBackend(LOCAL_WORKERS)
+    raise ValueError(f"no test setup for backend {name!r}")
+
+
+def shared_backend(name: str, request: pytest.FixtureRequest) -> Backend:
+    """The session's instance of backend ``name``, started on first use."""
+    found = _shared.get(name)
+    if found is None:
+        found = _shared[name] = _start(name, request)
+
+        def close() -> None:
+            _shared.pop(name, None)
+            found.close()
+
+        request.config.add_cleanup(close)
+    return found
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> Iterator[Backend]:
+    """The backend under test, registered for the test and unregistered after."""
+    instance = shared_backend(request.param, request)
+    previous = registered_backend()
+    register_backend(instance)
+    try:
+        yield instance
+    finally:
+        register_backend(previous)
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = DEADLINE) -> bool:
+    """Polls ``predicate`` until it is true; False once ``timeout`` has passed.
+
+    Loop bodies use it to wait for each other through the filesystem, so it
+    returns instead of failing: the body reports, the test asserts.
+    """
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
+
+
+def append_line(path: str | os.PathLike[str], text: str) -> None:
+    """Appends one line to ``path`` in a single write (safe across processes)."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, (text + "\n").encode())
+    finally:
+        os.close(fd)
+
+
+def read_lines(path: str | os.PathLike[str]) -> list[str]:
+    """The lines of ``path``, or none if it does not exist."""
+    p = Path(path)
+    return p.read_text().splitlines() if p.exists() else []
