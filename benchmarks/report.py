@@ -459,23 +459,24 @@ Measured {when}: every workload ran {runs} time(s) on every system,
 Every key and message is described in the docstring of
 `pforeach/backends/redis/keys.py`. A task's trip through Redis:
 
-**Per loop (job), the master** makes about eight round trips whatever the
-number of tasks:
+**Per loop (job), the master** makes four round trips before any result,
+whatever the number of tasks, and one to clean up (the server's run id and
+the master's own address are asked once per backend, not per loop):
 
-1. `INFO server`, to learn the server's run id (a restarted, emptied server
-   is recognized later by a new one);
-2. `CLIENT INFO`, to record its own address in the job record;
-3. `EXPIRE Q.env.H`: if an identical environment is already stored (the same
-   loop run again), this keeps it and nothing is uploaded; otherwise one
-   `SET` uploads it (in parts above the part size);
-4. one pipeline: `HSET` + `EXPIRE` of the job record, `SADD Q.jobs`,
-   `SET Q.live` (what `pforeach jobs` and the workers read);
-5. tasks are `RPUSH`ed in pipelined batches (32 first, so workers start at
-   once, then up to 512);
-6. results are drained with `LPOP Q.out.J 1000`, and a `BLPOP` when the list
-   is empty;
-7. at the end, one script (`DROP_JOB`) removes the job's queue entries, result
-   list, record and counters, on a separate short-timeout connection.
+1. `PING`, so that an unreachable or refusing server fails the loop at once
+   with its address, instead of after the reconnect timeout;
+2. one pipeline: `EXPIRE Q.env.H` (if an identical environment is already
+   stored, the same loop run again, this keeps it and nothing is uploaded;
+   otherwise one more round trip `SET`s it, in parts above the part size),
+   `HSET` + `EXPIRE` of the job record, `SADD Q.jobs`, `SET Q.live` (what
+   `pforeach jobs` and the workers read);
+3. tasks are `RPUSH`ed in pipelined batches (32 first, so that workers start
+   at once, then up to 512);
+4. results are drained with `LPOP Q.out.J 1000` while they stream in, and a
+   `BLPOP` waits when the list is empty;
+5. at the end, one pipeline deletes the job's result list, record and
+   attempt counters (a loop cut short runs the `DROP_JOB` script instead,
+   which also takes its queued tasks back out of the queue).
 
 A thread refreshes the job's TTLs every few seconds, and every `ftinterval`
 the master runs its fault check (one pipeline over the tasks in flight).
@@ -489,7 +490,8 @@ several things atomically:
    blocks in `BLMOVE` instead and `TAKE` only marks the task, a third round
    trip, but only when idle.
 2. `FINISH`: push the result to the job's result list if the job still
-   exists, and delete the start, alive and processing entries.
+   exists (and renew the list's TTL), and delete the task's start and alive
+   keys and the worker's processing entry.
 
 The environment is fetched once per worker and job environment (by content
 hash, so running the same loop again fetches nothing), and the worker tells

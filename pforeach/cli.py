@@ -2,8 +2,8 @@
 
 Both are thin: ``pforeach-worker start`` builds a
 :class:`~pforeach.backends.redis.worker.Supervisor`, and every ``pforeach``
-command is one call into :mod:`pforeach.backends.redis.control` plus a table
-(or ``--json``). Errors a user can fix (Redis unreachable, no such queue or
+command asks :mod:`pforeach.backends.redis.control` and prints a table (or
+``--json``). Errors a user can fix (Redis unreachable, no such queue or
 job) end the command with one line naming what is wrong and exit code 1.
 """
 
@@ -16,16 +16,18 @@ import logging
 import sys
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import click
+import redis
 
 from .backends.redis import control
 from .backends.redis.client import CONNECTION_ERRORS, ENV_URL, ConnectionSpec
 from .backends.redis.control import JobInfo, QueueStatus, WorkerInfo
 from .backends.redis.worker import Supervisor, configure_logging, make_config
-from .errors import PforeachError
+from .errors import OptionError, PforeachError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -90,6 +92,17 @@ def _control_spec(options: dict[str, Any]) -> ConnectionSpec:
     )
     spec.extra["socket_timeout"] = max(30.0, spec.connect_timeout)
     return spec
+
+
+@contextmanager
+def _redis(options: dict[str, Any]) -> Iterator[tuple[redis.Redis, str]]:
+    """One client for a whole command, and the address to show."""
+    spec = _control_spec(options)
+    client = spec.connect()
+    try:
+        yield client, spec.describe()
+    finally:
+        client.close()
 
 
 def _queue_option(func: F) -> F:
@@ -361,6 +374,10 @@ def start(
         raise click.ClickException(
             f"cannot reach Redis at {spec.describe()}: {_one_line(exc)}"
         ) from exc
+    except redis.RedisError as exc:
+        raise click.ClickException(
+            f"Redis at {spec.describe()} failed: {_one_line(exc)}"
+        ) from exc
     finally:
         client.close()
     configure_logging(log_file, loglevel)
@@ -408,15 +425,20 @@ def main(loglevel: str) -> None:
         pforeach remove-job jobs 3f2a9c0d1b7e4a55b6c1
     """
     root = logging.getLogger("pforeach")
-    handler = next((h for h in root.handlers if isinstance(h, _EchoHandler)), None)
-    if handler is None:
-        handler = _EchoHandler()
-        handler.setFormatter(logging.Formatter("pforeach %(levelname)s %(message)s"))
-        root.addHandler(handler)
     level = logging.getLevelName(loglevel.upper())
-    handler.setLevel(level)
+    handler = _EchoHandler(level)
+    handler.setFormatter(logging.Formatter("pforeach %(levelname)s %(message)s"))
+    previous = root.level
+    root.addHandler(handler)
     if root.getEffectiveLevel() > level:
         root.setLevel(level)
+
+    def restore() -> None:
+        # Leaves logging as it was, for callers that run commands in-process.
+        root.removeHandler(handler)
+        root.setLevel(previous)
+
+    click.get_current_context().call_on_close(restore)
 
 
 @main.command("jobs")
@@ -435,7 +457,8 @@ def jobs_command(queue: str, as_json: bool, **options: Any) -> None:
     Example:
         pforeach jobs --queue jobs --url redis://host:6379/0 --json
     """
-    found = control.jobs(queue, _control_spec(options))
+    with _redis(options) as (client, _):
+        found = control.jobs(queue, client)
     _show(found, as_json, _JOB_COLUMNS, f"no running jobs on queue {queue}")
 
 
@@ -454,7 +477,8 @@ def tasks_command(queue: str, as_json: bool, **options: Any) -> None:
     Example:
         pforeach tasks --queue jobs --url redis://host:6379/0
     """
-    found = control.tasks(queue, _control_spec(options))
+    with _redis(options) as (client, _):
+        found = control.tasks(queue, client)
     _show(found, as_json, _TASK_COLUMNS, f"no running tasks on queue {queue}")
 
 
@@ -472,7 +496,8 @@ def workers_command(queue: str, as_json: bool, **options: Any) -> None:
     Example:
         pforeach workers --queue jobs --url redis://host:6379/0
     """
-    found = control.workers(queue, _control_spec(options))
+    with _redis(options) as (client, _):
+        found = control.workers(queue, client)
     _show(found, as_json, _WORKER_COLUMNS, f"no live workers on queue {queue}")
 
 
@@ -487,13 +512,13 @@ def queues_command(as_json: bool, **options: Any) -> None:
     Example:
         pforeach queues --url redis://host:6379/0
     """
-    spec = _control_spec(options)
-    statuses = []
-    for name in control.queues(spec):
-        try:
-            statuses.append(control.queue_status(name, spec))
-        except PforeachError:
-            continue  # removed since it was listed
+    with _redis(options) as (client, address):
+        statuses = []
+        for name in control.queues(client):
+            try:
+                statuses.append(control.queue_status(name, client))
+            except OptionError:
+                continue  # removed since it was listed
     if as_json:
         summary = [
             {
@@ -509,7 +534,7 @@ def queues_command(as_json: bool, **options: Any) -> None:
     elif statuses:
         click.echo(_table(_QUEUE_COLUMNS, statuses, time.time()))
     else:
-        click.echo(f"no queues at {spec.describe()}")
+        click.echo(f"no queues at {address}")
 
 
 @main.command("remove-job")
@@ -528,19 +553,20 @@ def remove_job_command(queue: str, job: str, yes: bool, **options: Any) -> None:
     Example:
         pforeach remove-job jobs 3f2a9c0d1b7e4a55b6c1 --url redis://host:6379/0
     """
-    spec = _control_spec(options)
-    info = None
-    if not yes:
-        info = next((j for j in control.jobs(queue, spec) if j.job_id == job), None)
-    # An unknown job needs no confirmation: remove_job says it does not exist.
-    if info is not None:
-        click.confirm(
-            f"Remove job {job} of {info.user} on {info.host} "
-            f"({_done_of(info)} iterations done) from queue {queue} "
-            f"at {spec.describe()}?",
-            abort=True,
-        )
-    removed = control.remove_job(queue, job, spec)
+    with _redis(options) as (client, address):
+        info = None
+        if not yes:
+            running = control.jobs(queue, client)
+            info = next((j for j in running if j.job_id == job), None)
+        # An unknown job needs no confirmation: remove_job says it does not exist.
+        if info is not None:
+            click.confirm(
+                f"Remove job {job} of {info.user} on {info.host} "
+                f"({_done_of(info)} iterations done) from queue {queue} "
+                f"at {address}?",
+                abort=True,
+            )
+        removed = control.remove_job(queue, job, client)
     click.echo(
         f"removed job {job} from queue {queue} ({removed} queued task(s) dropped)"
     )
@@ -561,15 +587,16 @@ def remove_queue_command(queue: str, yes: bool, **options: Any) -> None:
     Example:
         pforeach remove-queue jobs --yes --url redis://host:6379/0
     """
-    spec = _control_spec(options)
-    if not yes:
-        status = control.queue_status(queue, spec)
-        click.confirm(
-            f"Remove queue {queue} at {spec.describe()} ({len(status.workers)} live "
-            f"worker(s), {len(status.jobs)} job(s), {status.length} queued task(s))?",
-            abort=True,
-        )
-    deleted = control.remove_queue(queue, spec)
+    with _redis(options) as (client, address):
+        if not yes:
+            status = control.queue_status(queue, client)
+            click.confirm(
+                f"Remove queue {queue} at {address} ({len(status.workers)} live "
+                f"worker(s), {len(status.jobs)} job(s), {status.length} queued "
+                "task(s))?",
+                abort=True,
+            )
+        deleted = control.remove_queue(queue, client)
     click.echo(f"removed queue {queue} ({deleted} keys deleted)")
 
 
@@ -696,28 +723,34 @@ def top_command(queue: str, interval: float, frames: int, **options: Any) -> Non
     Example:
         pforeach top --queue jobs --url redis://host:6379/0 --interval 1
     """
-    spec = _control_spec(options)
+    try:
+        with _redis(options) as (client, _):
+            _watch(queue, client, interval, frames)
+    except KeyboardInterrupt:
+        return
+
+
+def _watch(queue: str, client: redis.Redis, interval: float, frames: int) -> None:
+    """Draws frames until ``frames`` were drawn (never, if 0)."""
     rates = _Rates()
     shown = 0
     interactive = sys.stdout.isatty()
-    try:
-        while True:
-            try:
-                status = control.queue_status(queue, spec)
-            except PforeachError as exc:
-                if shown == 0:
-                    raise  # a wrong address or name: say so and stop
-                text = f"pforeach top - {time.strftime('%H:%M:%S')}: {_one_line(exc)}"
-            else:
-                text = _frame(status, rates.update(status.jobs, time.time()), interval)
-            if interactive:
-                click.clear()
-            elif shown:
-                click.echo()
-            click.echo(text)
-            shown += 1
-            if frames and shown >= frames:
-                return
-            time.sleep(interval)
-    except KeyboardInterrupt:
-        return
+    while True:
+        try:
+            status = control.queue_status(queue, client)
+        except PforeachError as exc:
+            if shown == 0:
+                raise  # a wrong address or name: say so and stop
+            # Later, the server may be restarting or the queue coming back.
+            text = f"pforeach top - {time.strftime('%H:%M:%S')}: {_one_line(exc)}"
+        else:
+            text = _frame(status, rates.update(status.jobs, time.time()), interval)
+        if interactive:
+            click.clear()
+        elif shown:
+            click.echo()
+        click.echo(text)
+        shown += 1
+        if frames and shown >= frames:
+            return
+        time.sleep(interval)

@@ -17,6 +17,7 @@ boundary:
 
 from __future__ import annotations
 
+import dis
 import hashlib
 import hmac
 import io
@@ -127,8 +128,15 @@ def captured_variables(func: Callable[..., Any]) -> Iterator[tuple[str, Any]]:
                 yield name, value
 
 
+_GLOBAL_LOADS = frozenset({"LOAD_GLOBAL", "LOAD_NAME"})
+
+
 def _global_names(code: types.CodeType) -> Iterator[str]:
-    yield from code.co_names
+    # Only names loaded as globals: co_names also holds attribute names, and
+    # `obj.lock` must not be mistaken for a module-level `lock`.
+    for instruction in dis.get_instructions(code):
+        if instruction.opname in _GLOBAL_LOADS:
+            yield instruction.argval
     for const in code.co_consts:
         if isinstance(const, types.CodeType):
             yield from _global_names(const)

@@ -27,7 +27,7 @@ from pforeach import (
     registered_backend,
 )
 
-BACKENDS = ["sequential", "local"]
+BACKENDS = ["sequential", "local", "redis"]
 
 #: Worker processes of the shared LocalBackend.
 LOCAL_WORKERS = 2
@@ -44,7 +44,28 @@ def _start(name: str, request: pytest.FixtureRequest) -> Backend:
         return SequentialBackend()
     if name == "local":
         return LocalBackend(LOCAL_WORKERS)
+    if name == "redis":
+        return _start_redis(request)
     raise ValueError(f"no test setup for backend {name!r}")
+
+
+def _start_redis(request: pytest.FixtureRequest) -> Backend:
+    """A private redis-server, two supervised workers, and a backend on them.
+
+    The server is the suite's own (not the shared ``redis_server``, which is
+    flushed after each test) so the workers' registrations survive.
+    """
+    from pforeach.backends.redis import RedisBackend, start_local_workers
+    from pforeach.backends.redis.server import RedisServer
+
+    server = RedisServer().start()
+    request.config.add_cleanup(server.stop)
+    workers = start_local_workers(
+        LOCAL_WORKERS, "semantics", server.url, alive_ttl=2, linger=1, log_level="WARNING"
+    )
+    request.config.add_cleanup(workers.stop)
+    workers.wait_ready(DEADLINE)
+    return RedisBackend("semantics", server.url, ftinterval=3, key_ttl=30)
 
 
 def shared_backend(name: str, request: pytest.FixtureRequest) -> Backend:

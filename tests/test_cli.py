@@ -7,6 +7,7 @@ starts ``pforeach-worker start`` as a real process.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import signal
@@ -241,11 +242,17 @@ def test_remove_job_asks_before_removing(
     assert f"Remove job {job_id} of " in refused.output
     assert [j.job_id for j in jobs(QUEUE, url)] == [job_id]
 
-    accepted = run("remove-job", QUEUE, job_id, "--url", url, input="y\n")
+    handlers = list(logging.getLogger("pforeach").handlers)
+    accepted = run(
+        "--loglevel", "INFO", "remove-job", QUEUE, job_id, "--url", url, input="y\n"
+    )
     assert accepted.exit_code == 0, accepted.output
     assert f"removed job {job_id} from queue {QUEUE} (4 queued task(s) dropped)" in (
         accepted.stdout
     )
+    # --loglevel shows pforeach's log, and only while the command runs.
+    assert f"pforeach INFO queue {QUEUE}: job {job_id} removed" in accepted.stderr
+    assert logging.getLogger("pforeach").handlers == handlers
     assert jobs(QUEUE, url) == []
     blocked.thread.join(DEADLINE)
     assert isinstance(blocked.error, JobCancelledError)
@@ -317,19 +324,24 @@ def test_unknown_queue_is_one_line(server: RedisServer, pool: LocalWorkers) -> N
 
 def test_a_server_that_is_not_redis() -> None:
     with socket.create_server(("127.0.0.1", 0)) as listener:
-        port = listener.getsockname()[1]
+        url = f"redis://127.0.0.1:{listener.getsockname()[1]}/0"
 
         def answer() -> None:
-            conn, _ = listener.accept()
-            conn.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n")
-            conn.close()
+            try:
+                while True:
+                    conn, _ = listener.accept()
+                    conn.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+                    conn.close()
+            except OSError:
+                return  # the listener was closed: the test is over
 
         threading.Thread(target=answer, daemon=True).start()
-        result = run("workers", "--url", f"redis://127.0.0.1:{port}/0")
-    assert result.exit_code == 1
-    assert result.stderr.startswith(
-        f"Error: Redis at redis://127.0.0.1:{port}/0 failed"
-    )
+        listing = run("workers", "--url", url)
+        starting = CliRunner().invoke(worker_group, ["start", "--url", url])
+    for result in (listing, starting):
+        assert result.exit_code == 1
+        assert result.stderr.startswith(f"Error: Redis at {url} failed: ")
+        assert result.stderr.count("\n") == 1
 
 
 def test_worker_start_fails_fast_without_redis() -> None:

@@ -35,7 +35,13 @@ from collections.abc import Generator, Iterator
 from multiprocessing.connection import Connection, wait
 
 from .. import serialize
-from ..errors import OptionError, PforeachError, TaskTimeoutError, WorkerLostError
+from ..errors import (
+    OptionError,
+    PforeachError,
+    SerializationError,
+    TaskTimeoutError,
+    WorkerLostError,
+)
 from ..job import Job, LoadedEnv, Task, TaskResult
 from .base import Backend
 
@@ -226,7 +232,11 @@ class _Schedule:
         if self.job.timeout is None:
             return None
         now = time.monotonic()
-        ends = [w.started + self.job.timeout - now for w in self.backend._pool if w.outstanding]
+        ends = [
+            w.started + self.job.timeout - now
+            for w in self.backend._pool
+            if w.outstanding
+        ]
         return max(0.0, min(ends)) + 0.01 if ends else None
 
     def _receive(self, worker: _Worker) -> Iterator[TaskResult]:
@@ -236,13 +246,16 @@ class _Schedule:
             yield from self._lost(worker)
             return
         job_id, _, payload = data.partition(b"\n")
-        result = serialize.loads(payload)
         if job_id.decode() != self.job.job_id or not worker.outstanding:
             return  # a late result of a cancelled job
-        worker.outstanding.popleft()
+        task = worker.outstanding.popleft()
         worker.started = time.monotonic()
         self.inflight -= 1
-        yield result
+        try:
+            yield serialize.loads(payload)
+        except SerializationError as exc:
+            # A value that pickles but does not unpickle here fails its task only.
+            yield TaskResult.failed(task, exc)
 
     def _replace(self, worker: _Worker) -> None:
         """Kills ``worker``, requeues what it held but never ran, starts another."""
@@ -261,12 +274,19 @@ class _Schedule:
         self._replace(worker)
         if running is None:
             return
-        tries = self.attempts[running.task_id] = self.attempts.get(running.task_id, 0) + 1
+        tries = self.attempts[running.task_id] = (
+            self.attempts.get(running.task_id, 0) + 1
+        )
         logger.warning(
             "job %s: worker process %d died (exit code %s) running task %d "
             "(iterations %s); attempt %d of %d",
-            self.job.job_id, worker.proc.pid, code, running.task_id,
-            _span(running), tries, self.job.max_attempts,
+            self.job.job_id,
+            worker.proc.pid,
+            code,
+            running.task_id,
+            _span(running),
+            tries,
+            self.job.max_attempts,
         )
         if tries < self.job.max_attempts:
             self.retry.appendleft(running)
@@ -291,7 +311,10 @@ class _Schedule:
                 logger.warning(
                     "job %s: task %d (iterations %s) ran past its %gs limit; "
                     "stopping its worker process",
-                    self.job.job_id, task.task_id, _span(task), limit,
+                    self.job.job_id,
+                    task.task_id,
+                    _span(task),
+                    limit,
                 )
                 self._replace(worker)
                 yield TaskResult.failed(

@@ -162,7 +162,7 @@ def fails_on(i: int, bad: int, log: str, sleep: float) -> int:
 
 
 def long_or_poison(i: int, runs: str, deaths: str) -> int:
-    """Iteration 0 runs for 12 s; iteration 1 kills its worker every time."""
+    """Iteration 0 runs for 10 s; iteration 1 kills its worker every time."""
     if i == 0:
-        return long_task(0, 12, runs)
+        return long_task(0, 10, runs)
     return poison(i, 1, deaths)

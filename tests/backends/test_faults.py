@@ -315,7 +315,7 @@ def test_task_past_its_time_limit_is_stopped_and_the_pool_serves_on(lab):
 
 
 def test_body_holding_the_gil_in_one_c_call_counts_as_alive(lab):
-    """Seven seconds in one C call that keeps the GIL: 3.5 heartbeat TTLs.
+    """Six seconds in one C call that keeps the GIL: three heartbeat TTLs.
 
     Heartbeats come from the supervisor's process, so the task is not taken
     for lost and runs exactly once (the second worker stays idle).
@@ -323,9 +323,9 @@ def test_body_holding_the_gil_in_one_c_call_counts_as_alive(lab):
     runs = lab.file("runs")
     with pool(2, lab.url, lab.queue, lab.dir, alive_ttl=ALIVE_TTL), \
             registered(make_backend(lab.url, lab.queue)):
-        body = functools.partial(hold_gil, seconds=7, log=str(runs))
+        body = functools.partial(hold_gil, seconds=6, log=str(runs))
         [(index, spent, ticks_during, ticks)] = foreach(i=range(1)).dopar(body)
-    assert spent >= 6.5 > 3 * ALIVE_TTL and spent > 2 * FTINTERVAL
+    assert spent >= 5.9 and spent >= 3 * ALIVE_TTL - 0.1 and spent > FTINTERVAL
     assert ticks_during == 0  # no other thread ran: the GIL was held all along
     assert ticks >= 4  # ... while the same thread ticked before and after
     assert index == 0
@@ -466,22 +466,30 @@ def test_redis_restarts_empty_in_the_middle_of_a_job(lab):
 
 
 def test_workers_stay_when_redis_restarts_empty_between_jobs(lab):
-    """The restarted server forgot the queue; the workers register again
-    instead of taking the queue for removed and exiting after their linger."""
+    """The restarted server forgot the queue: the workers register again
+    instead of taking it for removed and exiting after their linger time,
+    and the next loop runs each task once."""
     q = lab.queue
-    with pool(2, lab.url, q, lab.dir, linger=1.0) as workers, \
+    runs = lab.file("runs")
+    with pool(2, lab.url, q, lab.dir, linger=0.5, block=1.0) as workers, \
             registered(make_backend(lab.url, q)):
         quick = functools.partial(sleeps_past_limit, slow=-1, seconds=0)
         assert foreach(i=range(4), combine=sum).dopar(quick) == 406
         pids = set(workers.child_pids())
         lab.server.kill()
         lab.server.restart()
+        restarted = time.monotonic()
         wait_until(lambda: lab.r.exists(f"{q}.live"), what="the queue registered again")
+        # Two rounds of 2 s tasks: past a fault check, which must not take
+        # the job for one written before the restart and submit it again.
+        body = functools.partial(logged_square, log=str(runs), sleep=2.0)
+        assert foreach(i=range(4)).dopar(body) == squares(4)
+        for i in range(4):
+            assert len(events(runs, "start", i)) == 1, i
         # Longer than the linger time plus one wait for tasks: workers that
         # took their queue for removed would have exited by now.
-        time.sleep(1.0 + 2.0 + 2.0)
+        assert time.monotonic() - restarted > 0.5 + 1.0 + 2.0
         assert set(workers.child_pids()) == pids
-        assert foreach(i=range(4), combine=sum).dopar(quick) == 406
 
 
 def test_redis_gone_for_longer_than_reconnect_timeout(lab):
@@ -515,11 +523,15 @@ def test_stress_masters_and_workers_killed_at_random(lab):
         stop = threading.Event()
 
         def killer() -> None:
-            # Victims are workers that have run tasks: killing processes that
-            # are still starting up tests nothing but patience.
+            # A kill every 20 finished tasks, at a random moment and of a
+            # random worker among those that have run tasks (killing ones
+            # still starting up tests nothing but patience).
             rng = random.Random(20)
-            while len(kills) < 12 and not stop.wait(rng.uniform(0.5, 1.2)):
-                working = {int(line.split()[3]) for line in events(runs, "done")}
+            while len(kills) < 12 and not stop.wait(rng.uniform(0.05, 0.3)):
+                done = events(runs, "done")
+                if len(done) < 20 * (len(kills) + 1):
+                    continue
+                working = {int(line.split()[3]) for line in done}
                 pids = sorted(working & set(workers.child_pids()))
                 if pids:
                     victim = rng.choice(pids)
@@ -541,7 +553,7 @@ def test_stress_masters_and_workers_killed_at_random(lab):
             stop.set()
     for k, result in enumerate(results):
         assert result == [k * 1000 + i for i in range(per_master)]
-    assert len(kills) >= 5
+    assert len(kills) >= 10
     done = {tuple(line.split()[1:3]) for line in events(runs, "done")}
     assert len(done) == masters * per_master
 
@@ -552,16 +564,16 @@ def test_stress_masters_and_workers_killed_at_random(lab):
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_idle_worker_then_a_task_of_over_a_minute(lab):
-    """Workers idle in one 12 s blocking wait, then a 62 s task: both sides
+    """Workers idle in one 10 s blocking wait, then a 61 s task: both sides
     wait it out, the start key outlives its TTL, and the task runs once (the
     second worker would run it again if the master took it for lost)."""
     runs = lab.file("runs")
     with pool(2, lab.url, lab.queue, lab.dir, block=60.0), \
             registered(make_backend(lab.url, lab.queue)):
-        time.sleep(12)  # idle: the worker sits in one blocking wait
-        body = functools.partial(long_task, seconds=62, log=str(runs))
+        time.sleep(10)  # idle: the workers sit in one blocking wait
+        body = functools.partial(long_task, seconds=61, log=str(runs))
         started = time.monotonic()
         result = foreach(i=range(1)).dopar(body)
-        assert time.monotonic() - started >= 62
+        assert time.monotonic() - started >= 61
     assert result == [1000]
     assert len(events(runs, "start", 0)) == 1

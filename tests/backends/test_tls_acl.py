@@ -304,8 +304,13 @@ def test_a_loop_under_the_documented_acl(tmp_path):
         marker = str(tmp_path / "died-once")
         with workers(2, "jobs", ConnectionSpec(worker_url)) as pool:
             before = set(pool.child_pids())
-            with registered(RedisBackend("jobs", master_url, secret=SECRET,
-                                         **BACKEND_OPTIONS)):
+            # The master's credentials as arguments, the workers' in the URL.
+            master = RedisBackend(
+                "jobs", f"redis://{address}/0", username="pforeach-master",
+                password=password_of(acl, "pforeach-master"), secret=SECRET,
+                **BACKEND_OPTIONS,
+            )
+            with registered(master):
                 result = foreach(
                     i=range(6), admin_url=[srv.url] * 6, marker=[marker] * 6
                 ).dopar(fault_check_seen)

@@ -263,10 +263,19 @@ def _count(value: str | None) -> int | None:
 def _known_queues(r: Any) -> list[str]:
     """Queues that exist on the server (they have a ``.live`` key)."""
     suffix = ".live"
-    found = {
+    names = (
         _text(k)[: -len(suffix)] for k in r.scan_iter(match="*" + suffix, count=1000)
-    }
-    return sorted(found)
+    )
+    # Other programs' keys may end in ".live" too; a queue name has no ".".
+    return sorted({name for name in names if _is_queue_name(name)})
+
+
+def _is_queue_name(name: str) -> bool:
+    try:
+        check_queue_name(name)
+    except OptionError:
+        return False
+    return True
 
 
 def _missing_queue(r: Any, queue: str, address: str) -> OptionError:
@@ -305,7 +314,7 @@ def _snapshot(r: Any, queue: str, address: str, count_queued: bool) -> QueueStat
         try:
             header, _ = parse_task(bytes(head) + b"\n")
         except PayloadError:
-            continue  # TAKE leaves unparsable messages alone; so does the report
+            continue  # not a task header: nothing to report
         held.append(
             _Held(
                 _text(wid),

@@ -380,12 +380,33 @@ redis.call('LPUSH', KEYS[1], ARGV[1])
 return 1
 """
 
-KEEP_JOB = """
+# Lua: extends the TTL of a value and, when it is stored in parts (a blob
+# "#<n>"), of each of its parts. Returns 1 if the value exists.
+_TOUCH = """
+local function touch(key, ttl)
+  if redis.call('EXPIRE', key, ttl) == 0 then return 0 end
+  local head = redis.call('GETRANGE', key, 0, 11)
+  if string.sub(head, 1, 1) == '#' then
+    for n = 0, (tonumber(string.sub(head, 2)) or 0) - 1 do
+      redis.call('EXPIRE', key .. '.part.' .. n, ttl)
+    end
+  end
+  return 1
+end
+"""
+
+TOUCH_VALUE = _TOUCH + """
+-- KEYS: a value   ARGV: ttl
+-- 1 if the value (with all its parts) exists and now lives ttl more seconds.
+return touch(KEYS[1], ARGV[1])
+"""
+
+KEEP_JOB = _TOUCH + """
 -- KEYS: job record, env, out, attempts   ARGV: key ttl, env ttl, field, value, ...
 -- Extends the TTLs of a running job's keys and updates its progress, only
 -- while its record exists: a removed job's record must not come back.
 -- Returns 0 if the record is gone.
-redis.call('EXPIRE', KEYS[2], ARGV[2])
+touch(KEYS[2], ARGV[2])
 if redis.call('EXPIRE', KEYS[1], ARGV[1]) == 0 then return 0 end
 redis.call('EXPIRE', KEYS[3], ARGV[1])
 redis.call('EXPIRE', KEYS[4], ARGV[1])

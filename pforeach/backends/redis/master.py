@@ -40,6 +40,7 @@ from .keys import (
     NOTICE_TAG,
     RECLAIM,
     REQUEUE,
+    TOUCH_VALUE,
     TaskHeader,
     decode_outcome,
     parse_result,
@@ -88,6 +89,7 @@ class Master:
             for name, src in (("drop", DROP_JOB), ("requeue", REQUEUE), ("reclaim", RECLAIM),
                               ("queued", JOB_QUEUED))
         }
+        self._touch = self.r.register_script(TOUCH_VALUE)
 
     # -- the run ---------------------------------------------------------------
 
@@ -120,7 +122,7 @@ class Master:
 
     def _open(self) -> None:
         job, keys, b = self.job, self.keys, self.b
-        self.run_id, address = b.server_facts()
+        _, address = b.server_facts()
         record: dict[str, str | int | float] = {
             "user": getpass.getuser(),
             "host": socket.gethostname(),
@@ -137,12 +139,20 @@ class Master:
         # One round trip: the record, and whether Redis already holds an
         # identical environment (the same loop run again), kept alive if so.
         pipe = self.r.pipeline(transaction=False)
-        pipe.expire(keys.env(job.env_hash), int(b.env_ttl))
+        self._touch(keys=[keys.env(job.env_hash)], args=[int(b.env_ttl)], client=pipe)
         pipe.hset(keys.job(job.job_id), mapping=record)
         pipe.expire(keys.job(job.job_id), int(b.key_ttl))
         pipe.sadd(keys.jobs, job.job_id)
         pipe.set(keys.live, 1)
-        env_present = pipe.execute()[0]
+        # The run id of the server the job is written to, asked afresh:
+        # redis-py silently replaces a connection that died between loops,
+        # so a server restarted since the last loop is not otherwise seen,
+        # and the first fault check would take the job for lost and submit
+        # it all a second time.
+        pipe.info("server")
+        replies = pipe.execute()
+        env_present = replies[0]
+        self.run_id = str(replies[-1].get("run_id", ""))
         if env_present:
             logger.debug("job %s: environment %s already in Redis", job.job_id, job.env_hash)
         else:

@@ -93,6 +93,9 @@ class WorkerConfig:
         env_cache: how many job environments a worker keeps.
         reconnect_timeout: seconds to keep trying a lost Redis before giving up.
         log_file, log_level: logging of worker processes.
+        import_path: directories put first on the worker processes' module
+            search path (start_local_workers passes the master's, so loop
+            bodies defined in modules the master can import work locally).
     """
 
     queues: list[str]
@@ -107,6 +110,7 @@ class WorkerConfig:
     reconnect_timeout: float = 3600.0
     log_file: str | None = None
     log_level: str = "INFO"
+    import_path: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.queues:
@@ -188,7 +192,7 @@ class Worker:
             while not self.stopping and self._serving():
                 self._step()
         except _Stop:
-            logger.info("worker %s: stopping; handing its task back", self.wid)
+            logger.info("worker %s: stopping; handing back its task, if any", self.wid)
         finally:
             if heart is not None:
                 heart.stop()
@@ -1122,6 +1126,7 @@ def configure_logging(log_file: str | None, level: str) -> None:
 def child_main() -> None:
     """Entry point of a worker process started by a supervisor."""
     config: WorkerConfig = pickle.loads(sys.stdin.buffer.read())
+    sys.path[:0] = [p for p in config.import_path if p not in sys.path]
     configure_logging(config.log_file, config.log_level)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides
     status = os.fdopen(int(sys.argv[1]), "w", buffering=1)
@@ -1276,7 +1281,8 @@ def start_local_workers(
         secret: the shared HMAC key (default ``PFOREACH_SECRET``).
         spec: a full connection spec instead of ``url``.
         **options: further :class:`WorkerConfig` fields (alive_ttl, linger,
-            block, key_ttl, part_size, env_cache, log_file, log_level).
+            block, key_ttl, part_size, env_cache, log_file, log_level,
+            import_path: by default this process's ``sys.path``).
 
     Returns:
         A :class:`LocalWorkers` handle; they also stop when the program ends.
@@ -1284,5 +1290,6 @@ def start_local_workers(
     Example:
         >>> workers = start_local_workers(2, "jobs")  # doctest: +SKIP
     """
+    options.setdefault("import_path", [p for p in sys.path if p])
     config = make_config(queue, url, secret=secret, spec=spec, **options)
     return LocalWorkers(n, config)
