@@ -129,6 +129,11 @@ def _measure(
     args: argparse.Namespace,
     progress: Callable[[str], None],
 ) -> report.Record:
+    # The master imports NumPy up front, as a numeric script would, so every
+    # system and workload runs in the same kind of process (with NumPy loaded,
+    # pforeach also seeds NumPy's global generator for every iteration).
+    import numpy  # noqa: F401
+
     # Worker processes of every system import the bodies from this checkout.
     path = os.environ.get("PYTHONPATH", "")
     os.environ["PYTHONPATH"] = str(ROOT) + (os.pathsep + path if path else "")

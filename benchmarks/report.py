@@ -382,6 +382,9 @@ Measured {when}: every workload ran {runs} time(s) on every system,
   maximum. The `redis x` and `local x` columns give pforeach's Redis and
   local backends' median against that row's median, oriented so that above 1
   means pforeach did better (more per second, or less time).
+- **NumPy is loaded** in the benchmark's process from the start, as in a
+  numeric script; pforeach then seeds NumPy's global generator (as well as
+  Python's) before every iteration, so that random draws are reproducible.
 - **Answers are checked.** A run whose result is wrong counts as failed, not
   as a figure.
 - **Systems.**

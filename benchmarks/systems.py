@@ -100,7 +100,9 @@ class System:
         """Runs a little of every kind of body, so that no clock pays for
         starting processes or importing NumPy in them."""
         self.trivial(4 * WORKERS)
-        self.pi(2 * WORKERS, 1000)
+        # Tasks the size of W2's, two per worker: a fresh process's first large
+        # NumPy arrays cost page faults that no timed run should pay.
+        self.pi(2 * WORKERS, 1000 if self.ctx.smoke else 2_000_000)
 
     def stop(self) -> None:
         pass

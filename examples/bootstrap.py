@@ -16,15 +16,14 @@ worker or the chunk, so the parallel answer equals a sequential run's.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
 import random
 import statistics
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from pforeach import Backend, LocalBackend, SequentialBackend, foreach, register_backend
+from _backend import add_backend_options, make_backend
+
+from pforeach import foreach, register_backend
 
 
 @dataclass
@@ -61,41 +60,9 @@ def summarize(acc: Replicates) -> dict[str, tuple[float, float, float, float]]:
     return summary
 
 
-@contextlib.contextmanager
-def make_backend(args: argparse.Namespace) -> Iterator[Backend]:
-    """The backend ``--backend`` names, with whatever it needs started."""
-    if args.backend == "seq":
-        yield SequentialBackend()
-        return
-    if args.backend == "local":
-        with LocalBackend(args.workers) as backend:
-            yield backend
-        return
-    from pforeach.backends.redis import RedisBackend, start_local_workers
-    from pforeach.backends.redis.server import RedisServer
-
-    with contextlib.ExitStack() as stack:
-        url = args.url or stack.enter_context(RedisServer()).url
-        backend = stack.enter_context(RedisBackend(args.queue, url))
-        if args.workers > 0:
-            workers = start_local_workers(
-                args.workers, args.queue, url, linger=1, log_level="WARNING"
-            )
-            stack.callback(workers.stop)
-            workers.wait_ready(60)
-        yield backend
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--backend", choices=["seq", "local", "redis"], default="redis")
-    parser.add_argument("--workers", type=int, default=2, help="local workers to start")
-    parser.add_argument(
-        "--url",
-        default=os.environ.get("PFOREACH_REDIS_URL"),
-        help="Redis URL (default: PFOREACH_REDIS_URL, else a private server)",
-    )
-    parser.add_argument("--queue", default="jobs", help="Redis work queue")
+    add_backend_options(parser)
     parser.add_argument("--replicates", type=int, default=4000)
     parser.add_argument(
         "--size", type=int, default=500, help="observations in the sample"

@@ -15,33 +15,15 @@ computed directly.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
 import time
 import uuid
-from collections.abc import Iterator
 
 import numpy as np
 import redis
+from _backend import add_backend_options, redis_url
 
 from pforeach import foreach, register_backend
-from pforeach.backends.redis import RedisBackend, start_local_workers
-from pforeach.backends.redis.server import RedisServer
-
-
-@contextlib.contextmanager
-def redis_setup(args: argparse.Namespace) -> Iterator[tuple[RedisBackend, str]]:
-    """A RedisBackend and its URL, with a private server and workers if asked."""
-    with contextlib.ExitStack() as stack:
-        url = args.url or stack.enter_context(RedisServer()).url
-        backend = stack.enter_context(RedisBackend(args.queue, url))
-        if args.workers > 0:
-            workers = start_local_workers(
-                args.workers, args.queue, url, linger=1, log_level="WARNING"
-            )
-            stack.callback(workers.stop)
-            workers.wait_ready(60)
-        yield backend, url
+from pforeach.backends.redis import RedisBackend
 
 
 def slice_sum(key: str, url: str) -> int:
@@ -55,14 +37,7 @@ def slice_sum(key: str, url: str) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--backend", choices=["redis"], default="redis")
-    parser.add_argument("--workers", type=int, default=2, help="local workers to start")
-    parser.add_argument(
-        "--url",
-        default=os.environ.get("PFOREACH_REDIS_URL"),
-        help="Redis URL (default: PFOREACH_REDIS_URL, else a private server)",
-    )
-    parser.add_argument("--queue", default="jobs", help="Redis work queue")
+    add_backend_options(parser, backends=["redis"])
     parser.add_argument("--parts", type=int, default=8, help="slices of the array")
     parser.add_argument("--length", type=int, default=4_000_000, help="array length")
     args = parser.parse_args()
@@ -76,7 +51,11 @@ def main() -> None:
     prefix = f"example:data:{uuid.uuid4().hex[:8]}"
     keys = [f"{prefix}:{k}" for k in range(args.parts)]
 
-    with redis_setup(args) as (backend, url), redis.Redis.from_url(url) as r:
+    with (
+        redis_url(args, [args.queue]) as url,
+        RedisBackend(args.queue, url) as backend,
+        redis.Redis.from_url(url) as r,
+    ):
         # Stored once, by us, outside the loop; they expire in an hour
         # should we not get to delete them.
         pipe = r.pipeline(transaction=False)

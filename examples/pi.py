@@ -18,13 +18,12 @@ with ``pforeach-worker start -n 4 --queue jobs --url ...``).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
-import os
 import time
-from collections.abc import Iterator
 
-from pforeach import Backend, LocalBackend, SequentialBackend, foreach, register_backend
+from _backend import add_backend_options, make_backend
+
+from pforeach import foreach, register_backend
 
 try:
     # Imported here, in the master, so that loops seed NumPy's generator too:
@@ -51,41 +50,9 @@ def estimate(points: int) -> float:
     return 4.0 * inside / points
 
 
-@contextlib.contextmanager
-def make_backend(args: argparse.Namespace) -> Iterator[Backend]:
-    """The backend ``--backend`` names, with whatever it needs started."""
-    if args.backend == "seq":
-        yield SequentialBackend()
-        return
-    if args.backend == "local":
-        with LocalBackend(args.workers) as backend:
-            yield backend
-        return
-    from pforeach.backends.redis import RedisBackend, start_local_workers
-    from pforeach.backends.redis.server import RedisServer
-
-    with contextlib.ExitStack() as stack:
-        url = args.url or stack.enter_context(RedisServer()).url
-        backend = stack.enter_context(RedisBackend(args.queue, url))
-        if args.workers > 0:
-            workers = start_local_workers(
-                args.workers, args.queue, url, linger=1, log_level="WARNING"
-            )
-            stack.callback(workers.stop)
-            workers.wait_ready(60)
-        yield backend
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--backend", choices=["seq", "local", "redis"], default="redis")
-    parser.add_argument("--workers", type=int, default=2, help="local workers to start")
-    parser.add_argument(
-        "--url",
-        default=os.environ.get("PFOREACH_REDIS_URL"),
-        help="Redis URL (default: PFOREACH_REDIS_URL, else a private server)",
-    )
-    parser.add_argument("--queue", default="jobs", help="Redis work queue")
+    add_backend_options(parser)
     parser.add_argument("--tasks", type=int, default=10)
     parser.add_argument("--points", type=int, default=1_000_000, help="points per task")
     parser.add_argument("--seed", type=int, default=None, help="for reproducible runs")

@@ -17,31 +17,16 @@ This example starts them locally (and a private redis-server when neither
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import time
-from collections.abc import Iterator
+
+from _backend import add_backend_options, redis_url
 
 from pforeach import foreach, register_backend
-from pforeach.backends.redis import RedisBackend, start_local_workers
+from pforeach.backends.redis import RedisBackend
 from pforeach.backends.redis import workers as queue_workers
-from pforeach.backends.redis.server import RedisServer
 
 QUEUES = ("reports", "simulations")
-
-
-@contextlib.contextmanager
-def redis_url(args: argparse.Namespace) -> Iterator[str]:
-    """The Redis URL, with a private server and local workers if asked."""
-    with contextlib.ExitStack() as stack:
-        url = args.url or stack.enter_context(RedisServer()).url
-        if args.workers > 0:
-            pool = start_local_workers(
-                args.workers, list(QUEUES), url, linger=1, log_level="WARNING"
-            )
-            stack.callback(pool.stop)
-            pool.wait_ready(60)
-        yield url
 
 
 def report(month: int) -> tuple[str, int]:
@@ -61,18 +46,12 @@ def simulate(run: int) -> tuple[float, int]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--backend", choices=["redis"], default="redis")
-    parser.add_argument("--workers", type=int, default=2, help="local workers to start")
-    parser.add_argument(
-        "--url",
-        default=os.environ.get("PFOREACH_REDIS_URL"),
-        help="Redis URL (default: PFOREACH_REDIS_URL, else a private server)",
-    )
+    add_backend_options(parser, backends=["redis"], queue=False)
     args = parser.parse_args()
     if args.workers < 0:
         parser.error("--workers must be >= 0")
 
-    with redis_url(args) as url:
+    with redis_url(args, QUEUES) as url:
         for queue in QUEUES:
             serving = queue_workers(queue, url)
             print(

@@ -278,12 +278,36 @@ def _show(
         click.echo(empty)
 
 
+def _queue_listing(func: F) -> F:
+    """The options of a command that lists what is on one queue."""
+    return _queue_option(_connection_options(_json_option(_friendly(func))))
+
+
+def _list(
+    fetch: Callable[[str, Any], Sequence[Any]],
+    queue: str,
+    as_json: bool,
+    options: dict[str, Any],
+    columns: Sequence[_Column],
+    nothing: str,
+) -> None:
+    """Shows what ``fetch`` finds on ``queue``, or ``nothing`` if it is empty."""
+    with _redis(options) as (client, _):
+        found = fetch(queue, client)
+    _show(found, as_json, columns, f"{nothing} on queue {queue}")
+
+
 # -- pforeach-worker -------------------------------------------------------------------
 
 
 @click.group(context_settings=_CONTEXT)
 def worker_group() -> None:
-    """Run pforeach workers that serve Redis work queues."""
+    """Run pforeach workers that serve Redis work queues.
+
+    \b
+    Example:
+        pforeach-worker start -n 4 --queue jobs --url redis://host:6379/0
+    """
 
 
 @worker_group.command("start")
@@ -442,10 +466,7 @@ def main(loglevel: str) -> None:
 
 
 @main.command("jobs")
-@_queue_option
-@_connection_options
-@_json_option
-@_friendly
+@_queue_listing
 def jobs_command(queue: str, as_json: bool, **options: Any) -> None:
     """List the running jobs of a queue and their progress.
 
@@ -457,16 +478,11 @@ def jobs_command(queue: str, as_json: bool, **options: Any) -> None:
     Example:
         pforeach jobs --queue jobs --url redis://host:6379/0 --json
     """
-    with _redis(options) as (client, _):
-        found = control.jobs(queue, client)
-    _show(found, as_json, _JOB_COLUMNS, f"no running jobs on queue {queue}")
+    _list(control.jobs, queue, as_json, options, _JOB_COLUMNS, "no running jobs")
 
 
 @main.command("tasks")
-@_queue_option
-@_connection_options
-@_json_option
-@_friendly
+@_queue_listing
 def tasks_command(queue: str, as_json: bool, **options: Any) -> None:
     """List the tasks of a queue that workers are running now.
 
@@ -477,16 +493,11 @@ def tasks_command(queue: str, as_json: bool, **options: Any) -> None:
     Example:
         pforeach tasks --queue jobs --url redis://host:6379/0
     """
-    with _redis(options) as (client, _):
-        found = control.tasks(queue, client)
-    _show(found, as_json, _TASK_COLUMNS, f"no running tasks on queue {queue}")
+    _list(control.tasks, queue, as_json, options, _TASK_COLUMNS, "no running tasks")
 
 
 @main.command("workers")
-@_queue_option
-@_connection_options
-@_json_option
-@_friendly
+@_queue_listing
 def workers_command(queue: str, as_json: bool, **options: Any) -> None:
     """List the live workers of a queue and what they are doing.
 
@@ -496,9 +507,7 @@ def workers_command(queue: str, as_json: bool, **options: Any) -> None:
     Example:
         pforeach workers --queue jobs --url redis://host:6379/0
     """
-    with _redis(options) as (client, _):
-        found = control.workers(queue, client)
-    _show(found, as_json, _WORKER_COLUMNS, f"no live workers on queue {queue}")
+    _list(control.workers, queue, as_json, options, _WORKER_COLUMNS, "no live workers")
 
 
 @main.command("queues")

@@ -108,4 +108,3 @@ class IterationError(PforeachError):
     def __reduce__(self) -> tuple[type, tuple[object, ...]]:
         args = (self.index, self.values, self.error, self.remote_traceback, self.job_id)
         return (type(self), args)
-

@@ -230,9 +230,7 @@ class Job:
         return serialize.digest(self.env_bytes)
 
 
-def make_tasks(
-    iterations: Iterable[dict[str, Any]], chunksize: int
-) -> Iterator[Task]:
+def make_tasks(iterations: Iterable[dict[str, Any]], chunksize: int) -> Iterator[Task]:
     """Cuts a stream of iteration variables into tasks, lazily."""
     numbered = enumerate(iterations)
     for task_id in itertools.count():
@@ -310,7 +308,9 @@ class LoadedEnv:
         except Exception as exc:
             return cls.failing(
                 job_id,
-                SerializationError(f"job {job_id}: cannot load the job environment: {exc}"),
+                SerializationError(
+                    f"job {job_id}: cannot load the job environment: {exc}"
+                ),
             )
 
     def _prepare(self) -> None:
@@ -320,7 +320,9 @@ class LoadedEnv:
                 try:
                     importlib.import_module(name)
                 except ImportError as exc:
-                    raise ImportError(f"package {name!r} (from packages=): {exc}") from exc
+                    raise ImportError(
+                        f"package {name!r} (from packages=): {exc}"
+                    ) from exc
             if self.env.worker_init is not None:
                 provided = self.env.worker_init()
                 if isinstance(provided, Mapping):
@@ -368,4 +370,3 @@ class LoadedEnv:
             return TaskResult(task.task_id, [(task.indices[0], failure)], size=size)
         first = task.indices[0]
         return TaskResult(task.task_id, [(first, reduced)], reduced=True, size=size)
-

@@ -81,8 +81,12 @@ class Foreach:
         options = make_options(self._options, **changes)
         levels = self._levels
         if any(name in COMBINE_OPTIONS for name in changes):
-            levels = (_Level(levels[0].names, levels[0].iterables, _spec(options),
-                             levels[0].when), *levels[1:])
+            levels = (
+                _Level(
+                    levels[0].names, levels[0].iterables, _spec(options), levels[0].when
+                ),
+                *levels[1:],
+            )
         return Foreach(levels, options)
 
     def combine(self, combine: Any, **more: Any) -> Foreach:
@@ -239,7 +243,9 @@ class Foreach:
 
         return self._run(body, SequentialBackend(), sys._getframe(1))
 
-    def _run(self, body: Callable[..., Any], backend: Any, frame: FrameType | None) -> Any:
+    def _run(
+        self, body: Callable[..., Any], backend: Any, frame: FrameType | None
+    ) -> Any:
         options = apply_overrides(self._options)
         self._check_body(body)
         exports = _resolve_exports(options.export, frame)
@@ -559,7 +565,9 @@ def times(n: int, **options: Any) -> Foreach:
     return _make((), (range(n),), options)
 
 
-def _make(names: tuple[str, ...], iterables: tuple[Any, ...], given: dict[str, Any]) -> Foreach:
+def _make(
+    names: tuple[str, ...], iterables: tuple[Any, ...], given: dict[str, Any]
+) -> Foreach:
     options = make_options(**given)
     return Foreach((_Level(names, iterables, _spec(options)),), options)
 

@@ -117,7 +117,9 @@ def _check(name: str, value: Any) -> Any:
         ):
             raise OptionError(f"timeout must be a number of seconds > 0, not {value!r}")
     elif name == "seed":
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int)
+        ):
             raise OptionError(f"seed must be an int or None, not {value!r}")
     elif name == "export":
         if isinstance(value, Mapping):
@@ -241,4 +243,3 @@ def _merge_exports(own: Any, more: Any) -> Any:
             "loop's exports; give names instead"
         )
     return tuple(dict.fromkeys(tuple(own) + _names(more, "export")))
-

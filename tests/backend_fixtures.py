@@ -15,7 +15,9 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -61,7 +63,12 @@ def _start_redis(request: pytest.FixtureRequest) -> Backend:
     server = RedisServer().start()
     request.config.add_cleanup(server.stop)
     workers = start_local_workers(
-        LOCAL_WORKERS, "semantics", server.url, alive_ttl=2, linger=1, log_level="WARNING"
+        LOCAL_WORKERS,
+        "semantics",
+        server.url,
+        alive_ttl=2,
+        linger=1,
+        log_level="WARNING",
     )
     request.config.add_cleanup(workers.stop)
     workers.wait_ready(DEADLINE)
@@ -82,16 +89,28 @@ def shared_backend(name: str, request: pytest.FixtureRequest) -> Backend:
     return found
 
 
+@contextmanager
+def registered(backend: Any, close: bool = True) -> Iterator[Any]:
+    """Registers ``backend`` for the block, then restores the previous one.
+
+    ``backend`` is closed at the end too, unless ``close`` is False (for the
+    session's shared backends).
+    """
+    previous = registered_backend()
+    register_backend(backend)
+    try:
+        yield backend
+    finally:
+        register_backend(previous)
+        if close:
+            backend.close()
+
+
 @pytest.fixture(params=BACKENDS)
 def backend(request: pytest.FixtureRequest) -> Iterator[Backend]:
     """The backend under test, registered for the test and unregistered after."""
-    instance = shared_backend(request.param, request)
-    previous = registered_backend()
-    register_backend(instance)
-    try:
+    with registered(shared_backend(request.param, request), close=False) as instance:
         yield instance
-    finally:
-        register_backend(previous)
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float = DEADLINE) -> bool:

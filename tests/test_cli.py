@@ -4,6 +4,9 @@
 starts ``pforeach-worker start`` as a real process.
 """
 
+# Tests take the imported `server` fixture as a parameter of that name.
+# ruff: noqa: F811
+
 from __future__ import annotations
 
 import json
@@ -15,13 +18,18 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 from click.testing import CliRunner, Result
+from redis_support import (  # noqa: F401  (server: fixture)
+    DEADLINE,
+    server,
+    wait_until,
+    worker_pool,
+)
 
 from pforeach import (
     JobCancelledError,
@@ -43,21 +51,6 @@ from pforeach.cli import main, worker_group
 pytestmark = pytest.mark.timeout(90)
 
 QUEUE = "cli"
-DEADLINE = 30.0
-
-T = TypeVar("T")
-
-
-def wait_until(probe: Callable[[], T], ok: Callable[[T], bool], what: str) -> T:
-    """Polls ``probe()`` until ``ok`` accepts its value; fails after DEADLINE."""
-    deadline = time.monotonic() + DEADLINE
-    while True:
-        value = probe()
-        if ok(value):
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"gave up waiting for {what}; last seen: {value!r}")
-        time.sleep(0.05)
 
 
 def run(*args: str, input: str | None = None) -> Result:
@@ -80,18 +73,9 @@ def live_workers(queue: str, url: str) -> int:
 
 
 @pytest.fixture(scope="module")
-def server() -> Iterator[RedisServer]:
-    with RedisServer() as srv:
-        yield srv
-
-
-@pytest.fixture(scope="module")
 def pool(server: RedisServer) -> Iterator[LocalWorkers]:
-    started = start_local_workers(2, QUEUE, server.url, alive_ttl=2, linger=1)
-    try:
-        yield started.wait_ready(DEADLINE)
-    finally:
-        started.stop()
+    with worker_pool(2, QUEUE, server.url, alive_ttl=2) as started:
+        yield started
 
 
 class BlockedJob:
@@ -125,11 +109,11 @@ class BlockedJob:
             self.previous = previous
         self.job = wait_until(
             lambda: jobs(QUEUE, url),
-            lambda found: (
+            "the job's first two tasks to start",
+            ok=lambda found: (
                 len(found) == 1
                 and (found[0].tasks_running, found[0].tasks_total) == (2, 6)
             ),
-            "the job's first two tasks to start",
         )[0]
 
     def _run(self, body: Callable[[int], int]) -> None:
@@ -163,6 +147,8 @@ def test_every_command_has_help_with_an_example() -> None:
         result = runner.invoke(main, args)
         assert result.exit_code == 0, result.output
         assert "Example" in result.output, name
+    result = runner.invoke(worker_group, ["--help"])
+    assert result.exit_code == 0 and "Example" in result.output
     result = runner.invoke(worker_group, ["start", "--help"])
     assert result.exit_code == 0
     assert "pforeach-worker start -n 4" in result.output
@@ -281,7 +267,7 @@ def test_remove_queue(server: RedisServer) -> None:
         assert re.fullmatch(
             rf"removed queue {name} \(\d+ keys deleted\)\n", removed.stdout
         )
-        wait_until(lambda: pool.proc.poll(), lambda code: code is not None, "exit")
+        wait_until(lambda: pool.proc.poll(), "exit", ok=lambda code: code is not None)
         gone = run("jobs", "-q", name, "--url", server.url)
         assert gone.exit_code == 1
         assert f"Error: no queue '{name}' at {server.url}" in gone.stderr
@@ -369,7 +355,9 @@ def test_worker_start_says_where_it_serves(server: RedisServer, tmp_path: Path) 
             f"logging to {log}\n"
         )
         wait_until(
-            lambda: live_workers("cli-start", server.url), lambda n: n == 1, "a worker"
+            lambda: live_workers("cli-start", server.url),
+            "a worker",
+            ok=lambda n: n == 1,
         )
     finally:
         proc.send_signal(signal.SIGTERM)

@@ -51,7 +51,9 @@ class _Parts(dict):
     """Part keys as a worker would find them in Redis."""
 
 
-def task_message(secret: bytes | None, part_size: int = 1 << 20) -> tuple[bytes, _Parts]:
+def task_message(
+    secret: bytes | None, part_size: int = 1 << 20
+) -> tuple[bytes, _Parts]:
     """A genuine task message as the master makes it, and its part keys."""
     task = Task(3, [(6, {"x": 1}), (7, {"x": [1, 2, 3]})])
     head = HEADER.encode()
@@ -63,7 +65,9 @@ def task_message(secret: bytes | None, part_size: int = 1 << 20) -> tuple[bytes,
         def set(self, key: str, value: bytes, ex: int) -> None:
             parts[key] = value
 
-    blob = write_value(Collect(), KEYS.task_value(HEADER.job_id, 3), sealed, part_size, 60)
+    blob = write_value(
+        Collect(), KEYS.task_value(HEADER.job_id, 3), sealed, part_size, 60
+    )
     return head + blob, parts
 
 
@@ -72,7 +76,9 @@ GENUINE_PARTED, GENUINE_PARTS = task_message(SECRET, part_size=64)
 UNSIGNED, _ = task_message(None)
 
 
-def decode(message: bytes, secret: bytes | None = SECRET, parts: dict | None = None) -> None:
+def decode(
+    message: bytes, secret: bytes | None = SECRET, parts: dict | None = None
+) -> None:
     try:
         decode_task(message, KEYS, secret, (parts or {}).get)
     except EXPECTED:
@@ -105,11 +111,30 @@ def mutated(draw: st.DrawFn, original: bytes) -> bytes:
 def header_fields() -> st.SearchStrategy[bytes]:
     """Task headers whose fields are drawn from plausible and hostile values."""
     field = st.one_of(
-        st.sampled_from([b"-", b"0", b"1", b"nan", b"inf", b"-1", b"1e999", b"0x10",
-                         b"1_0", b" ", b"", b"9" * 5000, b"\xff", b"%w", b"a.b"]),
+        st.sampled_from(
+            [
+                b"-",
+                b"0",
+                b"1",
+                b"nan",
+                b"inf",
+                b"-1",
+                b"1e999",
+                b"0x10",
+                b"1_0",
+                b" ",
+                b"",
+                b"9" * 5000,
+                b"\xff",
+                b"%w",
+                b"a.b",
+            ]
+        ),
         st.binary(max_size=12).filter(lambda b: b" " not in b and b"\n" not in b),
     )
-    return st.lists(field, min_size=0, max_size=10).map(lambda fs: b" ".join([b"PFT1", *fs]))
+    return st.lists(field, min_size=0, max_size=10).map(
+        lambda fs: b" ".join([b"PFT1", *fs])
+    )
 
 
 @FUZZ
@@ -205,7 +230,9 @@ def test_unseal_mutated_envelope(data):
 
 
 @FUZZ
-@given(st.binary(max_size=64), st.dictionaries(st.text(max_size=20), st.binary(max_size=8)))
+@given(
+    st.binary(max_size=64), st.dictionaries(st.text(max_size=20), st.binary(max_size=8))
+)
 @example(b"#1000001", {})
 @example(b"#0", {})
 @example(b"#2", {"k.part.0": b"x"})
@@ -263,13 +290,18 @@ def test_decode_outcome(data):
     # Whatever decodes keeps the promise its kind makes, so the master can
     # use it without further checks.
     assert {"ok": TaskResult, "fail": BaseException, "noenv": type(None)}[kind]
-    assert isinstance(value, {"ok": TaskResult, "fail": BaseException,
-                              "noenv": type(None)}[kind])
+    assert isinstance(
+        value, {"ok": TaskResult, "fail": BaseException, "noenv": type(None)}[kind]
+    )
 
 
 @pytest.mark.parametrize(
     "payload",
-    [b"ok\n" + pickle.dumps(42), b"fail\n" + pickle.dumps("text"), b"noenv\n" + pickle.dumps(1)],
+    [
+        b"ok\n" + pickle.dumps(42),
+        b"fail\n" + pickle.dumps("text"),
+        b"noenv\n" + pickle.dumps(1),
+    ],
 )
 def test_decode_outcome_refuses_a_value_of_the_wrong_type(payload):
     with pytest.raises(PayloadError, match="result holds a"):

@@ -17,7 +17,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from backend_fixtures import shared_backend
+from backend_fixtures import registered, shared_backend
+from redis_support import DEADLINE, worker_pool
 
 from pforeach import (
     Backend,
@@ -26,22 +27,19 @@ from pforeach import (
     registered_backend,
     set_options,
 )
-from pforeach.backends.redis import LocalWorkers, RedisBackend, start_local_workers
+from pforeach.backends.redis import LocalWorkers, RedisBackend
 from pforeach.backends.redis.server import RedisServer
 
 pytestmark = pytest.mark.timeout(90)
 
-DEADLINE = 30.0
-
 
 @pytest.fixture(scope="module")
 def redis_pool() -> Iterator[tuple[RedisServer, LocalWorkers]]:
-    with RedisServer() as server:
-        pool = start_local_workers(2, "progress", server.url, alive_ttl=2, linger=1)
-        try:
-            yield server, pool.wait_ready(DEADLINE)
-        finally:
-            pool.stop()
+    with (
+        RedisServer() as server,
+        worker_pool(2, "progress", server.url, alive_ttl=2) as pool,
+    ):
+        yield server, pool
 
 
 @pytest.fixture(params=["sequential", "local", "redis"])
@@ -54,14 +52,9 @@ def backend(request: pytest.FixtureRequest) -> Iterator[Backend]:
         )
     else:
         instance = shared_backend(request.param, request)
-    previous = registered_backend()
-    register_backend(instance)
-    try:
+    # The shared backends stay open for the session; the Redis one is the test's.
+    with registered(instance, close=request.param == "redis"):
         yield instance
-    finally:
-        register_backend(previous)
-        if request.param == "redis":
-            instance.close()
 
 
 def last_state(err: str) -> str:

@@ -44,7 +44,9 @@ def _make(name: str, *args: Any, **kwargs: Any) -> Backend:
     )
 
 
-def register_backend(backend: Backend | str | None, *args: Any, **kwargs: Any) -> Backend | None:
+def register_backend(
+    backend: Backend | str | None, *args: Any, **kwargs: Any
+) -> Backend | None:
     """Makes ``backend`` the one ``dopar`` runs on, and returns it.
 
     Args:

@@ -51,8 +51,9 @@ def die_in_first_seconds(j: int, start: float, log: str) -> int:
     return j
 
 
-def logged_square(i: int, log: str, sleep: float = 0.0, slow: int = -1,
-                  slow_sleep: float = 0.0) -> int:
+def logged_square(
+    i: int, log: str, sleep: float = 0.0, slow: int = -1, slow_sleep: float = 0.0
+) -> int:
     """Logs ``start i pid``, sleeps (longer for iteration ``slow``), logs ``done``."""
     append_line(log, f"start {i} {os.getpid()}")
     time.sleep(slow_sleep if i == slow else sleep)

@@ -8,12 +8,12 @@ keys that outlive their master by 6 s.
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
@@ -24,8 +24,12 @@ from typing import Any
 import pytest
 import redis
 
-from pforeach import register_backend, registered_backend
-from pforeach.backends.redis import LocalWorkers, RedisBackend, start_local_workers
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import redis_support
+from redis_support import registered  # noqa: F401  (for the test modules)
+
+from pforeach.backends.redis import LocalWorkers, RedisBackend
 from pforeach.backends.redis.server import RedisServer
 
 HERE = Path(__file__).resolve().parent
@@ -42,20 +46,8 @@ ENV_TTL = 20.0
 DEADLINE = 45.0
 
 
-def wait_until(predicate: Callable[[], Any], timeout: float = DEADLINE,
-               what: str = "condition") -> Any:
-    """Polls ``predicate`` until it returns something true, and returns that.
-
-    Fails the test (naming ``what``) once ``timeout`` seconds have passed.
-    """
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what}: not reached within {timeout:g}s")
-        time.sleep(0.02)
+#: Polls a probe until it returns something true (fault tests wait longer).
+wait_until = functools.partial(redis_support.wait_until, timeout=DEADLINE)
 
 
 def lines(path: Path) -> list[str]:
@@ -86,8 +78,12 @@ class Lab:
         return self.dir / name
 
 
-def make_lab(server: RedisServer, tmp_path: Path, request: pytest.FixtureRequest,
-             monkeypatch: pytest.MonkeyPatch) -> Iterator[Lab]:
+def make_lab(
+    server: RedisServer,
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+    monkeypatch: pytest.MonkeyPatch,
+) -> Iterator[Lab]:
     """The body of the test modules' ``lab`` fixture.
 
     Gives the test a redis-server of its own, a queue named after the test
@@ -107,37 +103,37 @@ def make_lab(server: RedisServer, tmp_path: Path, request: pytest.FixtureRequest
 def make_backend(url: str, queue: str, **options: Any) -> RedisBackend:
     """A backend with the short test intervals (``options`` override them)."""
     settings: dict[str, Any] = {
-        "ftinterval": FTINTERVAL, "key_ttl": KEY_TTL, "env_ttl": ENV_TTL,
+        "ftinterval": FTINTERVAL,
+        "key_ttl": KEY_TTL,
+        "env_ttl": ENV_TTL,
         "reconnect_timeout": 30.0,
     }
     settings.update(options)
     return RedisBackend(queue, url, **settings)
 
 
-@contextmanager
-def registered(backend: RedisBackend) -> Iterator[RedisBackend]:
-    """Registers ``backend`` for the block, then restores the previous one."""
-    previous = registered_backend()
-    register_backend(backend)
-    try:
-        yield backend
-    finally:
-        register_backend(previous)
-        backend.close()
-
-
-def start_pool(n: int, url: str, queue: str, log_dir: Path, **options: Any) -> LocalWorkers:
+def start_pool(
+    n: int, url: str, queue: str, log_dir: Path, **options: Any
+) -> LocalWorkers:
     """Starts ``n`` supervised workers with the short test intervals."""
     settings: dict[str, Any] = {
-        "alive_ttl": ALIVE_TTL, "linger": 30.0, "key_ttl": KEY_TTL,
-        "log_file": str(log_dir / f"workers-{queue}.log"), "log_level": "INFO",
+        "alive_ttl": ALIVE_TTL,
+        "linger": 30.0,
+        "block": 2.0,
+        "key_ttl": KEY_TTL,
+        "log_file": str(log_dir / f"workers-{queue}.log"),
+        "log_level": "INFO",
     }
     settings.update(options)
-    return start_local_workers(n, queue, url, **settings).wait_ready(DEADLINE)
+    return redis_support.start_workers(
+        n, queue, url, ready_timeout=DEADLINE, **settings
+    )
 
 
 @contextmanager
-def pool(n: int, url: str, queue: str, log_dir: Path, **options: Any) -> Iterator[LocalWorkers]:
+def pool(
+    n: int, url: str, queue: str, log_dir: Path, **options: Any
+) -> Iterator[LocalWorkers]:
     """A worker pool for the block; stopped (or killed) at the end."""
     workers = start_pool(n, url, queue, log_dir, **options)
     try:
@@ -203,18 +199,32 @@ def queued_of(client: redis.Redis, queue: str, job_id: str) -> int:
 
 def env_keys(client: redis.Redis, queue: str) -> list[str]:
     """The job environments stored for ``queue`` (not their parts)."""
-    return [k.decode() for k in client.scan_iter(match=f"{queue}.env.*")
-            if b".part." not in k]
+    return [
+        k.decode()
+        for k in client.scan_iter(match=f"{queue}.env.*")
+        if b".part." not in k
+    ]
 
 
-def master_process(url: str, queue: str, log: Path, out: Path, *args: str) -> subprocess.Popen[bytes]:
+def master_process(
+    url: str, queue: str, log: Path, out: Path, *args: str
+) -> subprocess.Popen[bytes]:
     """Starts ``fault_master.py``: a master that runs one loop, in its own process."""
     env = dict(os.environ)
     env["PYTHONPATH"] = str(HERE) + os.pathsep + env.get("PYTHONPATH", "")
     with open(out, "wb") as sink:
         return subprocess.Popen(
-            [sys.executable, str(HERE / "fault_master.py"), url, queue, str(log), *args],
-            stdout=sink, stderr=subprocess.STDOUT, env=env,
+            [
+                sys.executable,
+                str(HERE / "fault_master.py"),
+                url,
+                queue,
+                str(log),
+                *args,
+            ],
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            env=env,
         )
 
 

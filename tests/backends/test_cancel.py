@@ -68,8 +68,10 @@ def assert_env_keys_bounded(lab) -> None:
 
 
 def wait_running_tasks_end(runs: Path) -> None:
-    wait_until(lambda: len(events(runs, "done")) == len(events(runs, "start")),
-               what="running tasks end")
+    wait_until(
+        lambda: len(events(runs, "done")) == len(events(runs, "start")),
+        what="running tasks end",
+    )
 
 
 def test_ctrl_c_in_a_master_process(lab):
@@ -101,8 +103,11 @@ def test_ctrl_c_in_a_master_process(lab):
         assert not r.exists(f"{q}.job.{job}")
         # The running tasks finish; what they push is dropped, not kept.
         wait_running_tasks_end(runs)
-        wait_until(lambda: not job_keys(r, q, job), timeout=KEY_TTL + SLACK,
-                   what="the job's keys expire")
+        wait_until(
+            lambda: not job_keys(r, q, job),
+            timeout=KEY_TTL + SLACK,
+            what="the job's keys expire",
+        )
         assert_env_keys_bounded(lab)
         with registered(make_backend(lab.url, q)):
             body = functools.partial(logged_square, log=str(lab.file("next")))
@@ -138,8 +143,11 @@ def test_ctrl_c_in_this_process_then_the_next_loop_works(lab):
         assert foreach(i=range(5), combine=sum).dopar(quick) == 30
         assert foreach(i=range(3)).dopar(quick) == squares(3)
     wait_running_tasks_end(runs)
-    wait_until(lambda: not job_keys(r, q, job), timeout=KEY_TTL + SLACK,
-               what="the job's keys expire")
+    wait_until(
+        lambda: not job_keys(r, q, job),
+        timeout=KEY_TTL + SLACK,
+        what="the job's keys expire",
+    )
 
 
 def test_remove_job_from_another_process(lab):
@@ -151,11 +159,18 @@ def test_remove_job_from_another_process(lab):
         job = wait_until(lambda: job_ids(r, q), what="job registered")[0]
         wait_until(lambda: len(events(runs, "start")) >= 2, what="two tasks run")
         remover = subprocess.run(
-            [sys.executable, "-c",
-             "import sys; from pforeach.backends.redis import remove_job; "
-             "print(remove_job(sys.argv[1], sys.argv[2], sys.argv[3]))",
-             q, job, lab.url],
-            capture_output=True, text=True, timeout=DEADLINE,
+            [
+                sys.executable,
+                "-c",
+                "import sys; from pforeach.backends.redis import remove_job; "
+                "print(remove_job(sys.argv[1], sys.argv[2], sys.argv[3]))",
+                q,
+                job,
+                lab.url,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=DEADLINE,
         )
         assert remover.returncode == 0, remover.stderr
         assert int(remover.stdout) > 0  # queued tasks removed
@@ -166,8 +181,11 @@ def test_remove_job_from_another_process(lab):
         # The same workers serve the next job.
         quick = functools.partial(logged_square, log=str(lab.file("next")))
         assert foreach(i=range(6)).dopar(quick) == squares(6)
-    wait_until(lambda: not job_keys(r, q, job), timeout=KEY_TTL + SLACK,
-               what="the job's keys expire")
+    wait_until(
+        lambda: not job_keys(r, q, job),
+        timeout=KEY_TTL + SLACK,
+        what="the job's keys expire",
+    )
 
 
 def test_keys_of_a_killed_master_expire(lab):
@@ -182,8 +200,11 @@ def test_keys_of_a_killed_master_expire(lab):
         master.kill()
         master.wait()
         killed = time.monotonic()
-        wait_until(lambda: not job_keys(r, q, job) and queued_of(r, q, job) == 0,
-                   timeout=KEY_TTL + 1.0 + SLACK, what="the job's keys and tasks go")
+        wait_until(
+            lambda: not job_keys(r, q, job) and queued_of(r, q, job) == 0,
+            timeout=KEY_TTL + 1.0 + SLACK,
+            what="the job's keys and tasks go",
+        )
         gone_after = time.monotonic() - killed
         assert_env_keys_bounded(lab)
         ran = len(events(runs, "start"))
@@ -208,7 +229,10 @@ def test_no_job_keys_remain_after_a_loop_completes_or_fails(lab, caplog):
         assert failed_job != done_job
         assert queued_of(r, q, failed_job) == 0
         wait_running_tasks_end(runs)
-        wait_until(lambda: not job_keys(r, q, failed_job), timeout=KEY_TTL + SLACK,
-                   what="the failed job's keys go")
+        wait_until(
+            lambda: not job_keys(r, q, failed_job),
+            timeout=KEY_TTL + SLACK,
+            what="the failed job's keys go",
+        )
         assert job_ids(r, q) == []
         assert_env_keys_bounded(lab)

@@ -5,6 +5,9 @@ the reports match what the test itself launched. Loop bodies wait on a gate
 file, so the test decides when tasks finish; nothing depends on timing.
 """
 
+# Tests take the imported `server` fixture as a parameter of that name.
+# ruff: noqa: F811
+
 from __future__ import annotations
 
 import getpass
@@ -14,21 +17,28 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
 
 import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from redis_support import (  # noqa: F401  (server: fixture)
+    DEADLINE,
+    Background,
+    registered,
+    server,
+    wait_until,
+    worker_pool,
+)
 
 from pforeach import (
     BackendUnavailableError,
     JobCancelledError,
     OptionError,
     foreach,
-    register_backend,
-    registered_backend,
 )
 from pforeach.backends.redis import (
     LocalWorkers,
@@ -47,21 +57,6 @@ from pforeach.backends.redis.server import RedisServer, free_port
 pytestmark = pytest.mark.timeout(90)
 
 QUEUE = "ctl"
-DEADLINE = 30.0
-
-T = TypeVar("T")
-
-
-def wait_until(probe: Callable[[], T], ok: Callable[[T], bool], what: str) -> T:
-    """Polls ``probe()`` until ``ok`` accepts its value; fails after DEADLINE."""
-    deadline = time.monotonic() + DEADLINE
-    while True:
-        value = probe()
-        if ok(value):
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"gave up waiting for {what}; last seen: {value!r}")
-        time.sleep(0.05)
 
 
 class Gate:
@@ -93,55 +88,19 @@ class Gate:
         return body
 
 
-class Background:
-    """Runs a loop in a thread; :meth:`result` returns its value or raises."""
-
-    def __init__(self, run: Callable[[], Any]) -> None:
-        self.value: Any = None
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._target, args=(run,), daemon=True)
-        self.thread.start()
-
-    def _target(self, run: Callable[[], Any]) -> None:
-        try:
-            self.value = run()
-        except BaseException as exc:
-            self.error = exc
-
-    def result(self) -> Any:
-        self.thread.join(DEADLINE)
-        assert not self.thread.is_alive(), "the loop did not finish"
-        if self.error is not None:
-            raise self.error
-        return self.value
-
-
-@pytest.fixture(scope="module")
-def server() -> Iterator[RedisServer]:
-    with RedisServer() as srv:
-        yield srv
-
-
 @pytest.fixture(scope="module")
 def pool(server: RedisServer) -> Iterator[LocalWorkers]:
     """Two workers on QUEUE for the whole module."""
-    started = start_local_workers(2, QUEUE, server.url, alive_ttl=2, linger=1)
-    try:
-        yield started.wait_ready(DEADLINE)
-    finally:
-        started.stop()
+    with worker_pool(2, QUEUE, server.url, alive_ttl=2) as started:
+        yield started
 
 
 @pytest.fixture
 def backend(server: RedisServer, pool: LocalWorkers) -> Iterator[RedisBackend]:
-    instance = RedisBackend(QUEUE, server.url, ftinterval=3, key_ttl=10)
-    previous = registered_backend()
-    register_backend(instance)
-    try:
+    with registered(
+        RedisBackend(QUEUE, server.url, ftinterval=3, key_ttl=10)
+    ) as instance:
         yield instance
-    finally:
-        register_backend(previous)
-        instance.close()
 
 
 @pytest.fixture
@@ -159,8 +118,8 @@ def test_reports_match_a_running_job(
     # its "idle": once both say idle, the counts are current.
     idle = wait_until(
         lambda: workers(QUEUE, url),
-        lambda found: len(found) == 2 and all(w.job_id is None for w in found),
         "2 idle workers",
+        ok=lambda found: len(found) == 2 and all(w.job_id is None for w in found),
     )
     done_before = sum(w.tasks_done for w in idle)
     submitted_after = time.time()
@@ -171,12 +130,12 @@ def test_reports_match_a_running_job(
     # 5 tasks of 2 iterations; 2 workers each take one and wait at the gate.
     (job,) = wait_until(
         lambda: jobs(QUEUE, url),
-        lambda found: (
+        "2 running and 3 queued tasks",
+        ok=lambda found: (
             len(found) == 1
             and (found[0].tasks_running, found[0].tasks_queued, found[0].tasks_total)
             == (2, 3, 5)
         ),
-        "2 running and 3 queued tasks",
     )
     assert job.queue == QUEUE
     assert job.user == getpass.getuser()
@@ -204,10 +163,10 @@ def test_reports_match_a_running_job(
     # Heartbeats carry what a worker runs, so wait for both to report it.
     live = wait_until(
         lambda: workers(QUEUE, url),
-        lambda found: (
+        "both workers to report their task",
+        ok=lambda found: (
             sorted(w.task_id for w in found if w.job_id == job.job_id) == [0, 1]
         ),
-        "both workers to report their task",
     )
     assert {w.pid for w in live} == child_pids
     for worker in live:
@@ -223,26 +182,26 @@ def test_reports_match_a_running_job(
     gate.open_to(4)
     (job,) = wait_until(
         lambda: jobs(QUEUE, url),
-        lambda found: (
+        "2 done, 2 running, 1 queued",
+        ok=lambda found: (
             len(found) == 1
             and (found[0].tasks_done, found[0].tasks_running, found[0].tasks_queued)
             == (2, 2, 1)
         ),
-        "2 done, 2 running, 1 queued",
     )
     assert job.iterations_done == 4
     assert sorted(t.task_id for t in tasks(QUEUE, url)) == [2, 3]
 
     gate.open_to(10)
-    assert loop.result() == sum(i * i for i in range(10))
+    assert loop.value() == sum(i * i for i in range(10))
     status = wait_until(
         lambda: queue_status(QUEUE, url),
-        lambda s: (
+        "the job to end and both workers to count its tasks",
+        ok=lambda s: (
             not s.jobs
             and not s.tasks
             and sum(w.tasks_done for w in s.workers) == done_before + 5
         ),
-        "the job to end and both workers to count its tasks",
     )
     assert status.length == 0
     assert all(w.job_id is None for w in status.workers)
@@ -255,19 +214,21 @@ def test_remove_job_cancels_it(
     loop = Background(lambda: foreach(i=range(6)).dopar(gate.body()))
     (job,) = wait_until(
         lambda: jobs(QUEUE, url),
-        lambda found: len(found) == 1 and found[0].tasks_running == 2,
         "2 running tasks",
+        ok=lambda found: len(found) == 1 and found[0].tasks_running == 2,
     )
     assert job.tasks_queued == 4
 
     assert remove_job(QUEUE, job.job_id, url) == 4
     with pytest.raises(JobCancelledError, match=job.job_id):
-        loop.result()
+        loop.value()
     assert jobs(QUEUE, url) == []
 
     # The two running bodies finish; their results go nowhere.
     gate.open_to(10)
-    wait_until(lambda: tasks(QUEUE, url), lambda found: found == [], "no running task")
+    wait_until(
+        lambda: tasks(QUEUE, url), "no running task", ok=lambda found: found == []
+    )
     with pytest.raises(OptionError) as caught:
         remove_job(QUEUE, job.job_id, url)
     assert job.job_id in str(caught.value) and repr(QUEUE) in str(caught.value)
@@ -320,16 +281,16 @@ def test_dead_worker_leaves_the_list(server: RedisServer, pool: LocalWorkers) ->
     try:
         wait_until(
             lambda: {w.pid for w in workers(QUEUE, server.url)},
-            lambda pids: proc.pid in pids,
             "the new worker to register",
+            ok=lambda pids: proc.pid in pids,
         )
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     remaining = wait_until(
         lambda: {w.pid for w in workers(QUEUE, server.url)},
-        lambda pids: proc.pid not in pids,
         "the killed worker to drop out",
+        ok=lambda pids: proc.pid not in pids,
     )
     assert remaining == set(pool.child_pids())
 
@@ -342,7 +303,7 @@ def test_remove_queue_deletes_it_and_its_workers_leave(server: RedisServer) -> N
         assert len(workers(name, server.url)) == 1
         assert remove_queue(name, server.url) > 0
         # The worker notices, lingers, unregisters and exits with its supervisor.
-        wait_until(lambda: pool.proc.poll(), lambda code: code is not None, "exit")
+        wait_until(lambda: pool.proc.poll(), "exit", ok=lambda code: code is not None)
         assert pool.proc.returncode == 0
         with pytest.raises(OptionError, match="no queue 'ctl-gone'"):
             queue_status(name, server.url)

@@ -106,7 +106,9 @@ def test_connections_detect_a_silent_peer(fresh_redis):
             assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 10
             assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL) == 5
             assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) == 3
-            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 30_000
+            assert (
+                sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 30_000
+            )
             # and no read timeout, so blocking waits are never cut short
             assert sock.gettimeout() is None
         finally:
@@ -126,10 +128,15 @@ def test_vignette_workers_that_take_a_task_first_exit(lab):
     killed) several times: the attempt limit is raised accordingly.
     """
     deaths = lab.file("deaths")
-    with pool(4, lab.url, lab.queue, lab.dir), registered(make_backend(lab.url, lab.queue)):
+    with (
+        pool(4, lab.url, lab.queue, lab.dir),
+        registered(make_backend(lab.url, lab.queue)),
+    ):
         start = time.time()
         body = functools.partial(die_in_first_seconds, start=start, log=str(deaths))
-        result = foreach(j=range(1, 5), combine=sum, chunksize=2, max_attempts=100).dopar(body)
+        result = foreach(
+            j=range(1, 5), combine=sum, chunksize=2, max_attempts=100
+        ).dopar(body)
     assert result == 10
     assert time.time() - start >= 5
     died = events(deaths, "died")
@@ -139,12 +146,17 @@ def test_vignette_workers_that_take_a_task_first_exit(lab):
 
 def test_worker_killed_in_the_middle_of_a_long_task(lab):
     runs = lab.file("runs")
-    with pool(2, lab.url, lab.queue, lab.dir) as workers, \
-            registered(make_backend(lab.url, lab.queue)):
-        body = functools.partial(logged_square, log=str(runs), sleep=0.05, slow=3,
-                                 slow_sleep=3.0)
+    with (
+        pool(2, lab.url, lab.queue, lab.dir) as workers,
+        registered(make_backend(lab.url, lab.queue)),
+    ):
+        body = functools.partial(
+            logged_square, log=str(runs), sleep=0.05, slow=3, slow_sleep=3.0
+        )
         future = in_thread(lambda: foreach(i=range(8)).dopar(body))
-        victim = pid_of(wait_until(lambda: events(runs, "start", 3), what="task 3 runs")[0])
+        victim = pid_of(
+            wait_until(lambda: events(runs, "start", 3), what="task 3 runs")[0]
+        )
         assert victim in workers.child_pids()
         os.kill(victim, signal.SIGKILL)
         result = future.result(timeout=DEADLINE)
@@ -229,18 +241,25 @@ def test_late_result_of_a_worker_taken_for_dead_is_combined_once(lab, caplog):
     first = start_pool(1, lab.url, lab.queue, lab.dir)
     try:
         with registered(make_backend(lab.url, lab.queue)):
-            body = functools.partial(late_body, log=str(runs), release=str(release),
-                                     timeout=DEADLINE)
+            body = functools.partial(
+                late_body, log=str(runs), release=str(release), timeout=DEADLINE
+            )
             future = in_thread(lambda: foreach(i=range(3)).dopar(body))
             wait_until(lambda: events(runs, "start", 0), what="task 0 runs")
             os.kill(first.pid, signal.SIGSTOP)
             with pool(2, lab.url, lab.queue, lab.dir):
                 wait_until(lambda: events(runs, "done", 0), what="task 0 ran again")
                 wait_until(lambda: events(runs, "start", 2), what="task 2 runs")
-                release.with_suffix(".first").touch()  # the frozen pool's worker finishes
-                wait_until(lambda: len(events(runs, "done", 0)) == 2, what="late finish")
-                wait_until(lambda: "repeated result of task 0" in caplog.text,
-                           what="the master sees the late result")
+                release.with_suffix(
+                    ".first"
+                ).touch()  # the frozen pool's worker finishes
+                wait_until(
+                    lambda: len(events(runs, "done", 0)) == 2, what="late finish"
+                )
+                wait_until(
+                    lambda: "repeated result of task 0" in caplog.text,
+                    what="the master sees the late result",
+                )
                 assert not future.done()
                 release.with_suffix(".last").touch()
                 result = future.result(timeout=DEADLINE)
@@ -256,17 +275,22 @@ def test_duplicate_result_while_another_is_missing(lab, caplog):
     q, r = lab.queue, lab.r
     runs, release = lab.file("runs"), lab.file("release")
     with registered(make_backend(lab.url, q)):
-        body = functools.partial(waits_for, log=str(runs), hold=2, release=str(release),
-                                 timeout=DEADLINE)
+        body = functools.partial(
+            waits_for, log=str(runs), hold=2, release=str(release), timeout=DEADLINE
+        )
         future = in_thread(lambda: foreach(i=range(3)).dopar(body))
         job = wait_until(lambda: job_ids(r, q), what="job registered")[0]
         wait_until(lambda: queued_of(r, q, job) == 3, what="tasks queued")
         r.rpush(q, r.lindex(q, 0))  # a second copy of task 0
         with pool(2, lab.url, q, lab.dir):
-            wait_until(lambda: len(events(runs, "done", 0)) == 2, what="task 0 ran twice")
+            wait_until(
+                lambda: len(events(runs, "done", 0)) == 2, what="task 0 ran twice"
+            )
             wait_until(lambda: events(runs, "start", 2), what="task 2 runs")
-            wait_until(lambda: "repeated result of task 0" in caplog.text,
-                       what="the repeat reached the master")
+            wait_until(
+                lambda: "repeated result of task 0" in caplog.text,
+                what="the repeat reached the master",
+            )
             assert not future.done()  # two results arrived, one of them a repeat
             release.touch()
             result = future.result(timeout=DEADLINE)
@@ -279,7 +303,10 @@ def test_duplicate_result_while_another_is_missing(lab, caplog):
 def test_task_that_kills_its_worker_fails_after_the_attempt_limit(lab, how):
     deaths = lab.file("deaths")
     body = functools.partial(poison, bad=2, log=str(deaths))
-    with pool(2, lab.url, lab.queue, lab.dir), registered(make_backend(lab.url, lab.queue)):
+    with (
+        pool(2, lab.url, lab.queue, lab.dir),
+        registered(make_backend(lab.url, lab.queue)),
+    ):
         if how == "stop":
             attempts = 3  # the default
             with pytest.raises(IterationError) as info:
@@ -289,7 +316,9 @@ def test_task_that_kills_its_worker_fails_after_the_attempt_limit(lab, how):
             assert "(i=2)" in str(info.value)
         else:
             attempts = 2
-            result = foreach(i=range(5), max_attempts=2, errorhandling="pass").dopar(body)
+            result = foreach(i=range(5), max_attempts=2, errorhandling="pass").dopar(
+                body
+            )
             assert [v for k, v in enumerate(result) if k != 2] == [0, 10, 30, 40]
             assert isinstance(result[2], WorkerLostError)
             assert f"tried {attempts} times" in str(result[2])
@@ -308,7 +337,9 @@ def test_task_past_its_time_limit_is_stopped_and_the_pool_serves_on(lab):
         assert isinstance(result[1], TaskTimeoutError)
         assert "2s timeout" in str(result[1])
         # The stopped worker was replaced; both serve the next loop.
-        wait_until(lambda: len(set(workers.child_pids()) - before) == 1, what="replacement")
+        wait_until(
+            lambda: len(set(workers.child_pids()) - before) == 1, what="replacement"
+        )
         wait_until(lambda: backend.workers() == 2, what="two live workers")
         quick = functools.partial(sleeps_past_limit, slow=-1, seconds=0)
         assert foreach(i=range(6), combine=sum).dopar(quick) == sum(range(100, 106))
@@ -321,8 +352,10 @@ def test_body_holding_the_gil_in_one_c_call_counts_as_alive(lab):
     for lost and runs exactly once (the second worker stays idle).
     """
     runs = lab.file("runs")
-    with pool(2, lab.url, lab.queue, lab.dir, alive_ttl=ALIVE_TTL), \
-            registered(make_backend(lab.url, lab.queue)):
+    with (
+        pool(2, lab.url, lab.queue, lab.dir, alive_ttl=ALIVE_TTL),
+        registered(make_backend(lab.url, lab.queue)),
+    ):
         body = functools.partial(hold_gil, seconds=6, log=str(runs))
         [(index, spent, ticks_during, ticks)] = foreach(i=range(1)).dopar(body)
     assert spent >= 5.9 and spent >= 3 * ALIVE_TTL - 0.1 and spent > FTINTERVAL
@@ -338,12 +371,21 @@ def test_worker_told_to_stop_hands_its_task_back(lab):
     idle worker exits at once too, even in the middle of a long blocking wait.
     Workers stopped so are not replaced; one that crashes later still is."""
     runs = lab.file("runs")
-    with pool(3, lab.url, lab.queue, lab.dir, block=30.0) as workers, \
-            registered(make_backend(lab.url, lab.queue)):
-        body = functools.partial(first_run_waits, log=str(runs), hold=0,
-                                 release=str(lab.file("never")), timeout=DEADLINE)
+    with (
+        pool(3, lab.url, lab.queue, lab.dir, block=30.0) as workers,
+        registered(make_backend(lab.url, lab.queue)),
+    ):
+        body = functools.partial(
+            first_run_waits,
+            log=str(runs),
+            hold=0,
+            release=str(lab.file("never")),
+            timeout=DEADLINE,
+        )
         future = in_thread(lambda: foreach(i=range(4), max_attempts=1).dopar(body))
-        victim = pid_of(wait_until(lambda: events(runs, "start", 0), what="task 0 runs")[0])
+        victim = pid_of(
+            wait_until(lambda: events(runs, "start", 0), what="task 0 runs")[0]
+        )
         os.kill(victim, signal.SIGTERM)
         wait_until(lambda: gone(victim), timeout=10, what="the busy worker exits")
         result = future.result(timeout=DEADLINE)
@@ -351,6 +393,7 @@ def test_worker_told_to_stop_hands_its_task_back(lab):
         starts = events(runs, "start", 0)
         assert len(starts) == 2 and pid_of(starts[1]) != victim
         assert len(events(runs, "done", 0)) == 1
+
         # An idle worker sits in a 30 s wait for tasks; SIGTERM ends it now.
         def living() -> list[int]:
             return [p for p in workers.child_pids() if not gone(p)]
@@ -358,11 +401,14 @@ def test_worker_told_to_stop_hands_its_task_back(lab):
         idle = next(p for p in living() if p != victim)
         os.kill(idle, signal.SIGTERM)
         wait_until(lambda: gone(idle), timeout=10, what="the idle worker exits")
-        [last] = wait_until(lambda: living() if len(living()) == 1 else None,
-                            what="one worker left")
+        [last] = wait_until(
+            lambda: living() if len(living()) == 1 else None, what="one worker left"
+        )
         os.kill(last, signal.SIGKILL)
-        wait_until(lambda: [p for p in living() if p != last],
-                   what="the crashed worker replaced")
+        wait_until(
+            lambda: [p for p in living() if p != last],
+            what="the crashed worker replaced",
+        )
         quick = functools.partial(sleeps_past_limit, slow=-1, seconds=0)
         assert foreach(i=range(3), combine=sum).dopar(quick) == 303
 
@@ -373,13 +419,20 @@ def test_workers_hand_back_and_exit_when_their_supervisor_dies(lab):
     children = first.child_pids()
     try:
         with registered(make_backend(lab.url, lab.queue)):
-            body = functools.partial(first_run_waits, log=str(runs), hold=0,
-                                     release=str(lab.file("never")), timeout=DEADLINE)
+            body = functools.partial(
+                first_run_waits,
+                log=str(runs),
+                hold=0,
+                release=str(lab.file("never")),
+                timeout=DEADLINE,
+            )
             future = in_thread(lambda: foreach(i=range(3), max_attempts=1).dopar(body))
             wait_until(lambda: events(runs, "start", 0), what="task 0 runs")
             first.kill()
             for pid in children:
-                wait_until(lambda pid=pid: gone(pid), timeout=10, what=f"worker {pid} exits")
+                wait_until(
+                    lambda pid=pid: gone(pid), timeout=10, what=f"worker {pid} exits"
+                )
             with pool(1, lab.url, lab.queue, lab.dir):
                 result = future.result(timeout=DEADLINE)
     finally:
@@ -399,8 +452,11 @@ def test_crash_looping_worker_does_not_starve_the_heartbeats_of_the_others(lab):
     q, r = lab.queue, lab.r
     with pool(2, lab.url, q, lab.dir), registered(make_backend(lab.url, q)):
         body = functools.partial(long_or_poison, runs=str(runs), deaths=str(deaths))
-        future = in_thread(lambda: foreach(i=range(2), max_attempts=8,
-                                           errorhandling="pass").dopar(body))
+        future = in_thread(
+            lambda: foreach(i=range(2), max_attempts=8, errorhandling="pass").dopar(
+                body
+            )
+        )
         job = wait_until(lambda: job_ids(r, q), what="job registered")[0]
         wait_until(lambda: events(runs, "start", 0), what="the long task runs")
         lapses = 0
@@ -432,8 +488,9 @@ def test_lost_task_is_found_while_another_job_keeps_the_queue_busy(lab):
         assert r.lmove(q, f"{q}.proc.silent", "LEFT", "RIGHT")
         slow = functools.partial(logged_square, log=str(other_runs), sleep=0.5)
         other = in_thread(lambda: foreach(i=range(40)).dopar(slow))
-        other_job = wait_until(lambda: [j for j in job_ids(r, q) if j != job],
-                               what="second job registered")[0]
+        other_job = wait_until(
+            lambda: [j for j in job_ids(r, q) if j != job], what="second job registered"
+        )[0]
         wait_until(lambda: queued_of(r, q, other_job) == 40, what="its tasks queued")
         with pool(1, lab.url, q, lab.dir):
             result = future.result(timeout=DEADLINE)
@@ -451,8 +508,10 @@ def test_lost_task_is_found_while_another_job_keeps_the_queue_busy(lab):
 def test_redis_restarts_empty_in_the_middle_of_a_job(lab):
     runs = lab.file("runs")
     before = lab.r.info("server")["run_id"]
-    with pool(2, lab.url, lab.queue, lab.dir), \
-            registered(make_backend(lab.url, lab.queue, reconnect_timeout=60)):
+    with (
+        pool(2, lab.url, lab.queue, lab.dir),
+        registered(make_backend(lab.url, lab.queue, reconnect_timeout=60)),
+    ):
         body = functools.partial(logged_square, log=str(runs), sleep=0.3)
         future = in_thread(lambda: foreach(i=range(16)).dopar(body))
         wait_until(lambda: len(events(runs, "done")) >= 4, what="some results")
@@ -471,8 +530,10 @@ def test_workers_stay_when_redis_restarts_empty_between_jobs(lab):
     and the next loop runs each task once."""
     q = lab.queue
     runs = lab.file("runs")
-    with pool(2, lab.url, q, lab.dir, linger=0.5, block=1.0) as workers, \
-            registered(make_backend(lab.url, q)):
+    with (
+        pool(2, lab.url, q, lab.dir, linger=0.5, block=1.0) as workers,
+        registered(make_backend(lab.url, q)),
+    ):
         quick = functools.partial(sleeps_past_limit, slow=-1, seconds=0)
         assert foreach(i=range(4), combine=sum).dopar(quick) == 406
         pids = set(workers.child_pids())
@@ -494,8 +555,10 @@ def test_workers_stay_when_redis_restarts_empty_between_jobs(lab):
 
 def test_redis_gone_for_longer_than_reconnect_timeout(lab):
     runs = lab.file("runs")
-    with pool(1, lab.url, lab.queue, lab.dir), \
-            registered(make_backend(lab.url, lab.queue, reconnect_timeout=3)):
+    with (
+        pool(1, lab.url, lab.queue, lab.dir),
+        registered(make_backend(lab.url, lab.queue, reconnect_timeout=3)),
+    ):
         body = functools.partial(logged_square, log=str(runs), sleep=0.5)
         future = in_thread(lambda: foreach(i=range(20)).dopar(body))
         wait_until(lambda: events(runs, "done"), what="a result")
@@ -518,8 +581,10 @@ def test_stress_masters_and_workers_killed_at_random(lab):
     runs = lab.file("runs")
     masters, per_master = 3, 100
     kills: list[int] = []
-    with pool(4, lab.url, lab.queue, lab.dir) as workers, \
-            registered(make_backend(lab.url, lab.queue)):
+    with (
+        pool(4, lab.url, lab.queue, lab.dir) as workers,
+        registered(make_backend(lab.url, lab.queue)),
+    ):
         stop = threading.Event()
 
         def killer() -> None:
@@ -568,8 +633,10 @@ def test_idle_worker_then_a_task_of_over_a_minute(lab):
     wait it out, the start key outlives its TTL, and the task runs once (the
     second worker would run it again if the master took it for lost)."""
     runs = lab.file("runs")
-    with pool(2, lab.url, lab.queue, lab.dir, block=60.0), \
-            registered(make_backend(lab.url, lab.queue)):
+    with (
+        pool(2, lab.url, lab.queue, lab.dir, block=60.0),
+        registered(make_backend(lab.url, lab.queue)),
+    ):
         time.sleep(10)  # idle: the workers sit in one blocking wait
         body = functools.partial(long_task, seconds=61, log=str(runs))
         started = time.monotonic()

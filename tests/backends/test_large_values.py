@@ -8,34 +8,41 @@ server holds while a million-item loop runs, and ``/proc/self/status`` shows
 what the master holds.
 """
 
+# Tests take the imported `server` and `r` fixtures as parameters of those names.
+# ruff: noqa: F811
+
 from __future__ import annotations
 
 import os
 import sys
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import pytest
-import redis
 
 TESTS = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(TESTS))
 
-from backend_fixtures import DEADLINE  # noqa: E402
+from redis_support import (  # noqa: E402, F401  (r, server: fixtures)
+    BACKEND_OPTIONS,
+    DEADLINE,
+    Monitor,
+    job_keys,
+    r,
+    registered,
+    server,
+    start_workers,
+    worker_pool,
+)
 
 from pforeach import (  # noqa: E402
     foreach,
-    register_backend,
-    registered_backend,
     serialize,
 )
 from pforeach.backends.redis import (  # noqa: E402
     LocalWorkers,
     RedisBackend,
-    start_local_workers,
 )
 from pforeach.backends.redis.server import RedisServer  # noqa: E402
 from pforeach.backends.redis.values import read_value, write_value  # noqa: E402
@@ -45,96 +52,13 @@ pytestmark = pytest.mark.timeout(120)
 
 PART_SIZE = 1000
 QUEUE = "big"
-WORKER_OPTIONS: dict[str, Any] = {
-    "alive_ttl": 5,
-    "linger": 1,
-    "block": 0.5,
-    "log_level": "WARNING",
-}
-BACKEND_OPTIONS: dict[str, Any] = {"ftinterval": 3, "key_ttl": 30, "env_ttl": 60}
 
 
 # -- helpers ----------------------------------------------------------------------------
 
 
-def start_workers(n: int, queue: str, url: str, **options: Any) -> LocalWorkers:
-    """Starts ``n`` local workers and waits until they are registered."""
-    pool = start_local_workers(n, queue, url, **{**WORKER_OPTIONS, **options})
-    try:
-        return pool.wait_ready(DEADLINE)
-    except BaseException:
-        pool.kill()
-        raise
-
-
-@contextmanager
-def registered(backend: RedisBackend) -> Iterator[RedisBackend]:
-    previous = registered_backend()
-    register_backend(backend)
-    try:
-        yield backend
-    finally:
-        register_backend(previous)
-        backend.close()
-
-
-class Monitor:
-    """Records the commands a server runs while the ``with`` block lasts."""
-
-    def __init__(self, server: RedisServer) -> None:
-        self.server = server
-        self.commands: list[list[str]] = []
-        self._token = f"end-of-monitor-{os.getpid()}-{id(self)}"
-
-    def __enter__(self) -> Monitor:
-        self._client = self.server.client()
-        self._monitor = self._client.monitor()
-        self._monitor.__enter__()  # MONITOR is on once this returns
-        self._thread = threading.Thread(target=self._read, daemon=True)
-        self._thread.start()
-        return self
-
-    def _read(self) -> None:
-        while True:
-            command = self._monitor.next_command()["command"]
-            if self._token in command:
-                return
-            self.commands.append(command.split(" "))
-
-    def __exit__(self, *exc: object) -> None:
-        with self.server.client() as conn:
-            conn.echo(self._token)
-        self._thread.join(DEADLINE)
-        self._monitor.__exit__()
-        self._client.close()
-        assert not self._thread.is_alive(), "MONITOR reader did not stop"
-
-    def keys(self, name: str, prefix: str) -> list[str]:
-        """The keys that command ``name`` was called on, among those under ``prefix``."""
-        return [
-            args[1]
-            for args in self.commands
-            if len(args) > 1 and args[0].upper() == name and args[1].startswith(prefix)
-        ]
-
-
 def parts(keys: list[str]) -> set[str]:
     return {k for k in keys if ".part." in k}
-
-
-def job_keys(r: redis.Redis, queue: str) -> list[str]:
-    """Keys of ``queue`` that belong to jobs (not the queue's, workers' or envs')."""
-    found = []
-    for raw in r.scan_iter(match=f"{queue}.*", count=1000):
-        rest = raw.decode()[len(queue) :]
-        if rest in (".live", ".count", ".workers"):
-            continue
-        if rest.startswith((".worker.", ".env.")):
-            continue
-        found.append(raw.decode())
-    if r.exists(queue):
-        found.append(queue)
-    return sorted(found)
 
 
 def vmrss_kib() -> int:
@@ -150,28 +74,10 @@ def vmrss_kib() -> int:
 
 
 @pytest.fixture(scope="module")
-def server() -> Iterator[RedisServer]:
-    srv = RedisServer().start()
-    try:
-        yield srv
-    finally:
-        srv.stop()
-
-
-@pytest.fixture(scope="module")
 def pool(server: RedisServer) -> Iterator[LocalWorkers]:
     """Two workers that store results above PART_SIZE bytes in parts."""
-    workers = start_workers(2, QUEUE, server.url, part_size=PART_SIZE)
-    try:
+    with worker_pool(2, QUEUE, server.url, part_size=PART_SIZE) as workers:
         yield workers
-    finally:
-        workers.stop()
-
-
-@pytest.fixture
-def r(server: RedisServer) -> Iterator[redis.Redis]:
-    with server.client() as client:
-        yield client
 
 
 # -- the split itself ---------------------------------------------------------------------

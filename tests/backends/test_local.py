@@ -17,6 +17,7 @@ from backend_fixtures import (
     LOCAL_WORKERS,
     append_line,
     read_lines,
+    registered,
     shared_backend,
     wait_for,
 )
@@ -40,13 +41,8 @@ pytestmark = pytest.mark.timeout(60)
 @pytest.fixture
 def local(request):
     """The session's LocalBackend, registered for the test."""
-    instance = shared_backend("local", request)
-    previous = registered_backend()
-    register_backend(instance)
-    try:
+    with registered(shared_backend("local", request), close=False) as instance:
         yield instance
-    finally:
-        register_backend(previous)
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,9 @@ environment fetched once per worker, not uploaded again) is measured on the
 server with MONITOR, not taken from counters in the package.
 """
 
+# Tests take the imported `server` and `r` fixtures as parameters of those names.
+# ruff: noqa: F811
+
 from __future__ import annotations
 
 import json
@@ -19,9 +22,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -30,7 +31,21 @@ import redis
 TESTS = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(TESTS))
 
-from backend_fixtures import DEADLINE, append_line, read_lines, wait_for  # noqa: E402
+from backend_fixtures import append_line, read_lines, wait_for  # noqa: E402
+from redis_support import (  # noqa: E402, F401  (r, server: fixtures)
+    BACKEND_OPTIONS,
+    DEADLINE,
+    WORKER_OPTIONS,
+    Background,
+    Monitor,
+    importable_tests,
+    job_keys,
+    r,
+    registered,
+    server,
+    start_workers,
+    worker_pool,
+)
 
 import pforeach  # noqa: E402
 from pforeach import (  # noqa: E402
@@ -39,7 +54,6 @@ from pforeach import (  # noqa: E402
     OptionError,
     foreach,
     register_backend,
-    registered_backend,
 )
 from pforeach.backends.redis import (  # noqa: E402
     LocalWorkers,
@@ -55,162 +69,14 @@ pytestmark = pytest.mark.timeout(120)
 
 QUEUE = "main"
 
-#: Worker settings for tests: quick to stop (short blocking waits), quiet.
-WORKER_OPTIONS: dict[str, Any] = {
-    "alive_ttl": 5,
-    "linger": 1,
-    "block": 0.5,
-    "log_level": "WARNING",
-}
-
-#: Master settings for tests: the shortest fault-check interval allowed.
-BACKEND_OPTIONS: dict[str, Any] = {"ftinterval": 3, "key_ttl": 30, "env_ttl": 60}
-
 
 # -- helpers ----------------------------------------------------------------------------
-
-
-@contextmanager
-def importable_tests() -> Iterator[None]:
-    """Lets processes started meanwhile import the test modules.
-
-    Bodies defined at module level travel by reference (``test_redis.draws``),
-    as a user's own modules would, so workers need them on their path.
-    """
-    old = os.environ.get("PYTHONPATH")
-    paths = [str(Path(__file__).resolve().parent), str(TESTS)]
-    os.environ["PYTHONPATH"] = os.pathsep.join(paths + ([old] if old else []))
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ["PYTHONPATH"]
-        else:
-            os.environ["PYTHONPATH"] = old
 
 
 def worker_environ() -> dict[str, str]:
     """The environment for a worker command started with subprocess."""
     with importable_tests():
         return dict(os.environ)
-
-
-def start_workers(
-    n: int, queue: str | list[str], url: str | None = None, **options: Any
-) -> LocalWorkers:
-    """Starts ``n`` local workers and waits until they are registered."""
-    with importable_tests():
-        pool = start_local_workers(n, queue, url, **{**WORKER_OPTIONS, **options})
-    try:
-        return pool.wait_ready(DEADLINE)
-    except BaseException:
-        pool.kill()
-        raise
-
-
-@contextmanager
-def registered(backend: Any) -> Iterator[Any]:
-    """Registers ``backend`` for the block; the previous one comes back after."""
-    previous = registered_backend()
-    register_backend(backend)
-    try:
-        yield backend
-    finally:
-        register_backend(previous)
-        backend.close()
-
-
-class Background(threading.Thread):
-    """Runs ``func`` in a thread; :meth:`value` returns or raises what it did."""
-
-    def __init__(self, func: Callable[[], Any]) -> None:
-        super().__init__(daemon=True)
-        self.func = func
-        self.result: Any = None
-        self.error: BaseException | None = None
-        self.start()
-
-    def run(self) -> None:
-        try:
-            self.result = self.func()
-        except BaseException as exc:
-            self.error = exc
-
-    def value(self, timeout: float = 2 * DEADLINE) -> Any:
-        self.join(timeout)
-        assert not self.is_alive(), "the loop did not finish"
-        if self.error is not None:
-            raise self.error
-        return self.result
-
-
-class Monitor:
-    """Records the commands a server runs while the ``with`` block lasts.
-
-    Each command is kept as (client address, arguments); commands run by Lua
-    scripts have the client ``lua``.
-    """
-
-    def __init__(self, server: RedisServer) -> None:
-        self.server = server
-        self.commands: list[tuple[str, list[str]]] = []
-        self._token = f"end-of-monitor-{os.getpid()}-{id(self)}"
-
-    def __enter__(self) -> Monitor:
-        self._client = self.server.client()
-        self._monitor = self._client.monitor()
-        self._monitor.__enter__()  # MONITOR is on once this returns
-        self._thread = threading.Thread(target=self._read, daemon=True)
-        self._thread.start()
-        return self
-
-    def _read(self) -> None:
-        while True:
-            command = self._monitor.next_command()
-            if self._token in command["command"]:
-                return
-            client = f"{command['client_address']}:{command['client_port']}"
-            self.commands.append((client, command["command"].split(" ")))
-
-    def __exit__(self, *exc: object) -> None:
-        with self.server.client() as conn:
-            conn.echo(self._token)
-        self._thread.join(DEADLINE)
-        self._monitor.__exit__()
-        self._client.close()
-        assert not self._thread.is_alive(), "MONITOR reader did not stop"
-
-    def calls(
-        self, name: str, key: str | None = None, prefix: str = ""
-    ) -> list[tuple[str, list[str]]]:
-        """The calls of command ``name`` on ``key`` (or on keys starting with ``prefix``)."""
-        found = []
-        for client, args in self.commands:
-            if args[0].upper() != name or len(args) < 2:
-                continue
-            if (key is not None and args[1] != key) or not args[1].startswith(prefix):
-                continue
-            found.append((client, args))
-        return found
-
-
-def job_keys(r: redis.Redis, queue: str) -> list[str]:
-    """Keys of ``queue`` that belong to jobs.
-
-    What may outlive a job: the queue's own keys, its workers' registrations
-    and the shared environments (with their parts), which expire on their own.
-    """
-    found = []
-    for raw in r.scan_iter(match=f"{queue}.*", count=1000):
-        rest = raw.decode()[len(queue) :]
-        if rest in (".live", ".count", ".workers"):
-            continue
-        if rest.startswith((".worker.", ".env.")):
-            continue
-        found.append(raw.decode())
-    if r.exists(queue):
-        found.append(queue)
-    return sorted(found)
 
 
 def no_job_keys_left(r: redis.Redis, queue: str) -> list[str]:
@@ -236,39 +102,17 @@ def meet_then_pid(x: int, directory: str) -> int:
 
 
 @pytest.fixture(scope="module")
-def server() -> Iterator[RedisServer]:
-    """The module's own redis-server: long-lived worker pools stay registered."""
-    srv = RedisServer().start()
-    try:
-        yield srv
-    finally:
-        srv.stop()
-
-
-@pytest.fixture(scope="module")
 def pool(server: RedisServer) -> Iterator[LocalWorkers]:
     """Two workers serving the main queue for the whole module."""
-    workers = start_workers(2, QUEUE, server.url)
-    try:
+    with worker_pool(2, QUEUE, server.url) as workers:
         yield workers
-    finally:
-        workers.stop()
 
 
 @pytest.fixture(scope="module")
 def solo(server: RedisServer) -> Iterator[LocalWorkers]:
     """One worker serving the queue ``solo``."""
-    workers = start_workers(1, "solo", server.url)
-    try:
+    with worker_pool(1, "solo", server.url) as workers:
         yield workers
-    finally:
-        workers.stop()
-
-
-@pytest.fixture
-def r(server: RedisServer) -> Iterator[redis.Redis]:
-    with server.client() as client:
-        yield client
 
 
 @pytest.fixture

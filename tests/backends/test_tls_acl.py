@@ -23,11 +23,19 @@ from typing import Any
 import pytest
 import redis
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from redis_support import (
+    BACKEND_OPTIONS,
+    DEADLINE,
+    WORKER_OPTIONS,
+    registered,
+    worker_pool,
+)
+
 from pforeach import (
     BackendUnavailableError,
     foreach,
-    register_backend,
-    registered_backend,
 )
 from pforeach.backends.redis import RedisBackend, start_local_workers
 from pforeach.backends.redis.client import ConnectionSpec
@@ -39,49 +47,15 @@ HERE = Path(__file__).resolve().parent
 DOC = HERE.parents[1] / "docs" / "security.md"
 WORKER = str(Path(sys.executable).with_name("pforeach-worker"))
 SECRET = "tls-and-acl-secret"
-DEADLINE = 30.0
-WORKER_OPTIONS: dict[str, Any] = {"alive_ttl": 5, "linger": 1, "block": 0.5}
-BACKEND_OPTIONS: dict[str, Any] = {"ftinterval": 3, "key_ttl": 30, "env_ttl": 60}
 
 
 # -- helpers ------------------------------------------------------------------------
 
 
 @contextmanager
-def importable_tests() -> Iterator[None]:
-    """Lets worker processes started meanwhile import this module's bodies."""
-    old = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = os.pathsep.join([str(HERE), *([old] if old else [])])
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ["PYTHONPATH"]
-        else:
-            os.environ["PYTHONPATH"] = old
-
-
-@contextmanager
-def registered(backend: RedisBackend) -> Iterator[RedisBackend]:
-    previous = registered_backend()
-    register_backend(backend)
-    try:
-        yield backend
-    finally:
-        register_backend(previous)
-        backend.close()
-
-
-@contextmanager
 def workers(n: int, queue: str, spec: ConnectionSpec, **options: Any) -> Iterator[Any]:
-    with importable_tests():
-        pool = start_local_workers(
-            n, queue, spec=spec, secret=SECRET, **{**WORKER_OPTIONS, **options}
-        )
-    try:
-        yield pool.wait_ready(DEADLINE)
-    finally:
-        pool.stop()
+    with worker_pool(n, queue, spec=spec, secret=SECRET, **options) as pool:
+        yield pool
 
 
 @contextmanager
@@ -91,8 +65,23 @@ def cli_worker(queue: str, url: str, tmp_path: Path, *args: str) -> Iterator[Pat
     secret_file.write_text(SECRET + "\n")
     log = tmp_path / f"{queue}.log"
     proc = subprocess.Popen(
-        [WORKER, "start", "-n", "1", "--queue", queue, "--url", url,
-         "--secret-file", str(secret_file), "--linger", "1", "--log", str(log), *args],
+        [
+            WORKER,
+            "start",
+            "-n",
+            "1",
+            "--queue",
+            queue,
+            "--url",
+            url,
+            "--secret-file",
+            str(secret_file),
+            "--linger",
+            "1",
+            "--log",
+            str(log),
+            *args,
+        ],
     )
     try:
         yield log
@@ -130,28 +119,38 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> TLSFiles:
 
 
 def test_a_loop_with_a_password(tmp_path):
-    with RedisServer(password="pw-for-default") as srv, workers(
-        2, "pwq", ConnectionSpec(srv.url)
+    with (
+        RedisServer(password="pw-for-default") as srv,
+        workers(2, "pwq", ConnectionSpec(srv.url)),
     ):
-        assert square_sum(RedisBackend("pwq", srv.url, secret=SECRET,
-                                       **BACKEND_OPTIONS)) == EXPECTED
+        assert (
+            square_sum(RedisBackend("pwq", srv.url, secret=SECRET, **BACKEND_OPTIONS))
+            == EXPECTED
+        )
 
 
 def test_a_wrong_or_missing_password_fails_at_once(tmp_path):
     with RedisServer(password="the-right-one") as srv:
         address = f"127.0.0.1:{srv.port}"
-        for url in (f"redis://:not-it@{address}/0", f"redis://{address}/0",
-                    f"redis://nobody:not-it@{address}/0"):
+        for url in (
+            f"redis://:not-it@{address}/0",
+            f"redis://{address}/0",
+            f"redis://nobody:not-it@{address}/0",
+        ):
             text = fails_fast(
                 RedisBackend("q", url, reconnect_timeout=60, **BACKEND_OPTIONS),
-                address, "refused the credentials",
+                address,
+                "refused the credentials",
             )
             assert "not-it" not in text and "the-right-one" not in text
         # Workers with a wrong password exit instead of retrying for an hour.
-        pool = start_local_workers(1, "q", f"redis://:not-it@{address}/0",
-                                   secret=SECRET, **WORKER_OPTIONS)
+        pool = start_local_workers(
+            1, "q", f"redis://:not-it@{address}/0", secret=SECRET, **WORKER_OPTIONS
+        )
         try:
-            with pytest.raises(BackendUnavailableError, match="refused the credentials"):
+            with pytest.raises(
+                BackendUnavailableError, match="refused the credentials"
+            ):
                 pool.wait_ready(DEADLINE)
             assert pool.proc.wait(DEADLINE) != 0
         finally:
@@ -164,7 +163,9 @@ def test_a_wrong_or_missing_password_fails_at_once(tmp_path):
 def tls_spec(url: str, certs: TLSFiles, client_cert: bool = True) -> dict[str, Any]:
     files = {"ssl_ca_certs": certs.ca_file}
     if client_cert:
-        files.update(ssl_certfile=certs.client_cert_file, ssl_keyfile=certs.client_key_file)
+        files.update(
+            ssl_certfile=certs.client_cert_file, ssl_keyfile=certs.client_key_file
+        )
     return files
 
 
@@ -174,25 +175,53 @@ def test_a_loop_over_tls_with_client_certificates(certs, tmp_path):
         assert srv.url.startswith("rediss://")
         files = tls_spec(srv.url, certs)
         with workers(2, "tlsq", ConnectionSpec(srv.url, **files)):
-            assert square_sum(RedisBackend("tlsq", srv.url, secret=SECRET, **files,
-                                           **BACKEND_OPTIONS)) == EXPECTED
+            assert (
+                square_sum(
+                    RedisBackend(
+                        "tlsq", srv.url, secret=SECRET, **files, **BACKEND_OPTIONS
+                    )
+                )
+                == EXPECTED
+            )
         # The worker command takes the same files.
-        with cli_worker("tlscli", srv.url, tmp_path,
-                        "--ssl-ca-certs", certs.ca_file,
-                        "--ssl-certfile", str(certs.client_cert_file),
-                        "--ssl-keyfile", str(certs.client_key_file)) as log:
-            assert square_sum(RedisBackend("tlscli", srv.url, secret=SECRET, **files,
-                                           **BACKEND_OPTIONS)) == EXPECTED
+        with cli_worker(
+            "tlscli",
+            srv.url,
+            tmp_path,
+            "--ssl-ca-certs",
+            certs.ca_file,
+            "--ssl-certfile",
+            str(certs.client_cert_file),
+            "--ssl-keyfile",
+            str(certs.client_key_file),
+        ) as log:
+            assert (
+                square_sum(
+                    RedisBackend(
+                        "tlscli", srv.url, secret=SECRET, **files, **BACKEND_OPTIONS
+                    )
+                )
+                == EXPECTED
+            )
         assert "serving tlscli at rediss://" in log.read_text()
 
         # The server speaks nothing but TLS ...
         plain = srv.url.replace("rediss://", "redis://")
-        fails_fast(RedisBackend("q", plain, connect_timeout=3, **BACKEND_OPTIONS),
-                   f"127.0.0.1:{srv.port}")
+        fails_fast(
+            RedisBackend("q", plain, connect_timeout=3, **BACKEND_OPTIONS),
+            f"127.0.0.1:{srv.port}",
+        )
         # ... and only to clients with a certificate its CA signed.
-        fails_fast(RedisBackend("q", srv.url, connect_timeout=3,
-                                **tls_spec(srv.url, certs, client_cert=False),
-                                **BACKEND_OPTIONS), f"127.0.0.1:{srv.port}")
+        fails_fast(
+            RedisBackend(
+                "q",
+                srv.url,
+                connect_timeout=3,
+                **tls_spec(srv.url, certs, client_cert=False),
+                **BACKEND_OPTIONS,
+            ),
+            f"127.0.0.1:{srv.port}",
+        )
 
 
 class NameBlindServer(RedisServer):
@@ -206,15 +235,31 @@ class NameBlindServer(RedisServer):
 def test_a_server_certificate_that_does_not_verify_fails_at_once(certs, tmp_path):
     other_ca = make_test_certs(tmp_path / "other")
     with RedisServer(tls=certs) as srv:
-        fails_fast(RedisBackend("q", srv.url, ssl_ca_certs=other_ca.ca_file,
-                                reconnect_timeout=60, **BACKEND_OPTIONS),
-                   f"127.0.0.1:{srv.port}", "could not be verified over TLS")
+        fails_fast(
+            RedisBackend(
+                "q",
+                srv.url,
+                ssl_ca_certs=other_ca.ca_file,
+                reconnect_timeout=60,
+                **BACKEND_OPTIONS,
+            ),
+            f"127.0.0.1:{srv.port}",
+            "could not be verified over TLS",
+        )
     # A certificate for 127.0.0.1 and localhost does not do for 127.0.0.2.
     with NameBlindServer(host="127.0.0.2", tls=certs) as srv:
         assert "127.0.0.2" in srv.url
-        fails_fast(RedisBackend("q", srv.url, ssl_ca_certs=certs.ca_file,
-                                reconnect_timeout=60, **BACKEND_OPTIONS),
-                   f"127.0.0.2:{srv.port}", "could not be verified over TLS")
+        fails_fast(
+            RedisBackend(
+                "q",
+                srv.url,
+                ssl_ca_certs=certs.ca_file,
+                reconnect_timeout=60,
+                **BACKEND_OPTIONS,
+            ),
+            f"127.0.0.2:{srv.port}",
+            "could not be verified over TLS",
+        )
 
 
 # -- the least-privilege ACL ------------------------------------------------------------
@@ -223,7 +268,8 @@ def test_a_server_certificate_that_does_not_verify_fails_at_once(certs, tmp_path
 def documented_acl() -> list[list[str]]:
     """The ``ACL SETUSER`` lines of docs/security.md, split into arguments."""
     lines = [
-        line.strip() for line in DOC.read_text().splitlines()
+        line.strip()
+        for line in DOC.read_text().splitlines()
         if line.strip().startswith("ACL SETUSER ")
     ]
     assert lines, f"no ACL in {DOC}"
@@ -280,12 +326,17 @@ def test_a_loop_under_the_documented_acl(tmp_path):
             for words in acl:
                 assert admin.execute_command(*words) in (b"OK", "OK")
             admin.acl_log_reset()
-        worker_url = f"redis://pforeach-worker:{password_of(acl, 'pforeach-worker')}@{address}/0"
-        master_url = f"redis://pforeach-master:{password_of(acl, 'pforeach-master')}@{address}/0"
+        worker_url = (
+            f"redis://pforeach-worker:{password_of(acl, 'pforeach-worker')}@{address}/0"
+        )
+        master_url = (
+            f"redis://pforeach-master:{password_of(acl, 'pforeach-master')}@{address}/0"
+        )
 
         # The default user is password-protected: nobody gets in unasked.
-        with redis.Redis(host="127.0.0.1", port=srv.port) as anonymous, pytest.raises(
-            redis.AuthenticationError
+        with (
+            redis.Redis(host="127.0.0.1", port=srv.port) as anonymous,
+            pytest.raises(redis.AuthenticationError),
         ):
             anonymous.ping()
         # The pforeach users touch their queue's keys only, with their commands only.
@@ -293,9 +344,16 @@ def test_a_loop_under_the_documented_acl(tmp_path):
             with redis.Redis.from_url(url) as user:
                 user.set("jobs.scratch", b"1")
                 user.delete("jobs.scratch")
-                for command in (("GET", "other"), ("SET", "jobsx", "1"), ("KEYS", "*"),
-                                ("FLUSHALL",), ("CONFIG", "GET", "*"), ("SCAN", "0"),
-                                ("EVAL", "return 1", "0"), ("SUBSCRIBE", "jobs")):
+                for command in (
+                    ("GET", "other"),
+                    ("SET", "jobsx", "1"),
+                    ("KEYS", "*"),
+                    ("FLUSHALL",),
+                    ("CONFIG", "GET", "*"),
+                    ("SCAN", "0"),
+                    ("EVAL", "return 1", "0"),
+                    ("SUBSCRIBE", "jobs"),
+                ):
                     with pytest.raises(redis.exceptions.NoPermissionError):
                         user.execute_command(*command)
         with srv.client() as admin:
@@ -306,8 +364,11 @@ def test_a_loop_under_the_documented_acl(tmp_path):
             before = set(pool.child_pids())
             # The master's credentials as arguments, the workers' in the URL.
             master = RedisBackend(
-                "jobs", f"redis://{address}/0", username="pforeach-master",
-                password=password_of(acl, "pforeach-master"), secret=SECRET,
+                "jobs",
+                f"redis://{address}/0",
+                username="pforeach-master",
+                password=password_of(acl, "pforeach-master"),
+                secret=SECRET,
                 **BACKEND_OPTIONS,
             )
             with registered(master):
@@ -320,12 +381,23 @@ def test_a_loop_under_the_documented_acl(tmp_path):
 
         with srv.client() as admin:
             denied = [
-                entry for entry in admin.acl_log()
+                entry
+                for entry in admin.acl_log()
                 # redis-py sends CLIENT SETINFO (Redis 7.2+) and ignores a refusal.
                 if "setinfo" not in str(entry.get("object", "")).lower()
             ]
-            assert denied == [], [(e["username"], e["object"], e["context"]) for e in denied]
+            assert denied == [], [
+                (e["username"], e["object"], e["context"]) for e in denied
+            ]
             stats = admin.info("commandstats")
         # The run went through the paths the ACL must cover.
-        for command in ("evalsha", "blmove", "blpop", "info", "smembers", "lrange", "lmove"):
+        for command in (
+            "evalsha",
+            "blmove",
+            "blpop",
+            "info",
+            "smembers",
+            "lrange",
+            "lmove",
+        ):
             assert f"cmdstat_{command}" in stats, command

@@ -94,6 +94,8 @@ class RedisBackend(Backend):
             job, so that running the same loop again does not upload it.
         max_inflight: the most tasks of one job in Redis at once; a longer
             loop is submitted as results come back.
+        max_inflight_iterations: the most iterations of one job in Redis at
+            once (what bounds the master's memory when tasks are large).
         part_size: values larger than this many bytes are stored in parts.
         reconnect_timeout: seconds to keep trying a lost Redis before the
             loop fails with BackendUnavailableError.
@@ -121,6 +123,7 @@ class RedisBackend(Backend):
         key_ttl: float = 120.0,
         env_ttl: float = 600.0,
         max_inflight: int = 10_000,
+        max_inflight_iterations: int = 1_000_000,
         part_size: int = DEFAULT_PART_SIZE,
         reconnect_timeout: float = 60.0,
         connect_timeout: float = 10.0,
@@ -135,23 +138,38 @@ class RedisBackend(Backend):
             raise OptionError(
                 f"key_ttl ({key_ttl:g}s) must be at least twice ftinterval ({ftinterval:g}s)"
             )
-        for name, value in (("max_inflight", max_inflight), ("part_size", part_size)):
+        for name, value in (
+            ("max_inflight", max_inflight),
+            ("max_inflight_iterations", max_inflight_iterations),
+            ("part_size", part_size),
+        ):
             if value < 1:
                 raise OptionError(f"{name} must be >= 1, not {value!r}")
         self.spec = ConnectionSpec(
-            url, host, port, db, username, password,
-            ssl_ca_certs, ssl_certfile, ssl_keyfile, connect_timeout, redis_options,
+            url,
+            host,
+            port,
+            db,
+            username,
+            password,
+            ssl_ca_certs,
+            ssl_certfile,
+            ssl_keyfile,
+            connect_timeout,
+            redis_options,
         )
+        self.spec.check()
         self.secret = load_secret(secret)
         self.ftinterval = float(ftinterval)
         self.key_ttl = float(key_ttl)
         self.env_ttl = float(env_ttl)
         self.max_inflight = max_inflight
+        self.max_inflight_iterations = max_inflight_iterations
         self.part_size = part_size
         self.reconnect_timeout = float(reconnect_timeout)
         self._client: redis.Redis | None = None
         self._aux: redis.Redis | None = None
-        self._facts: tuple[str, str] | None = None
+        self._address: str | None = None
         warn_if_exposed(self.spec, self.secret)
 
     @property
@@ -174,21 +192,13 @@ class RedisBackend(Backend):
             self._aux = spec.connect()
         return self._aux
 
-    def server_facts(self) -> tuple[str, str]:
-        """The server's run id and this master's address as the server sees it.
-
-        Asked once per backend: a restart of the server since then is found
-        by the first fault check of the next loop.
-        """
-        if self._facts is None:
-            run_id = str(self.client.info("server").get("run_id", ""))
-            address = str(self.client.client_info().get("addr", "")).rpartition(":")[0]
-            self._facts = (run_id, address)
-        return self._facts
-
-    def forget_server(self) -> None:
-        """Drops what :meth:`server_facts` knew (the server restarted)."""
-        self._facts = None
+    def own_address(self) -> str:
+        """This master's address as the Redis server sees it (asked once)."""
+        if self._address is None:
+            self._address = str(self.client.client_info().get("addr", "")).rpartition(
+                ":"
+            )[0]
+        return self._address
 
     def run(self, job: Job) -> Generator[TaskResult, None, None]:
         from .master import Master

@@ -19,12 +19,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
+from urllib.parse import urlparse
 
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from ...errors import BackendUnavailableError
+from ...errors import BackendUnavailableError, OptionError
 
 logger = logging.getLogger(__name__)
 
@@ -44,8 +45,12 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
 
 def _keepalive_options() -> dict[int, int]:
     options = {}
-    for name, value in (("TCP_KEEPIDLE", 10), ("TCP_KEEPINTVL", 5), ("TCP_KEEPCNT", 3),
-                        ("TCP_USER_TIMEOUT", 30_000)):
+    for name, value in (
+        ("TCP_KEEPIDLE", 10),
+        ("TCP_KEEPINTVL", 5),
+        ("TCP_KEEPCNT", 3),
+        ("TCP_USER_TIMEOUT", 30_000),
+    ):
         if hasattr(socket, name):
             options[getattr(socket, name)] = value
     return options
@@ -79,6 +84,30 @@ class ConnectionSpec:
     def resolved_url(self) -> str:
         return self.url or os.environ.get(ENV_URL) or DEFAULT_URL
 
+    def check(self) -> ConnectionSpec:
+        """Returns self if the URL is well formed, else raises OptionError.
+
+        Raises:
+            OptionError: an unknown scheme, a missing host or a bad port.
+        """
+        url = self.resolved_url()
+        try:
+            parsed = urlparse(url)
+            port = parsed.port
+        except ValueError as exc:
+            raise OptionError(f"malformed Redis URL {url!r}: {exc}") from None
+        if parsed.scheme not in ("redis", "rediss", "unix"):
+            raise OptionError(
+                f"malformed Redis URL {url!r}: the scheme must be redis://, rediss:// "
+                "or unix://"
+            )
+        if parsed.scheme == "unix" and not parsed.path:
+            raise OptionError(f"malformed Redis URL {url!r}: no socket path")
+        if parsed.scheme != "unix" and not (parsed.hostname or self.host):
+            raise OptionError(f"malformed Redis URL {url!r}: no host")
+        del port
+        return self
+
     def describe(self) -> str:
         """The address, without credentials, for messages."""
         url = self.resolved_url()
@@ -91,6 +120,7 @@ class ConnectionSpec:
 
     def connect(self) -> redis.Redis:
         """A new client; connections are made lazily, on first use."""
+        self.check()
         kwargs: dict[str, Any] = {
             "socket_timeout": None,
             "socket_connect_timeout": self.connect_timeout,
@@ -121,7 +151,11 @@ class ConnectionSpec:
         # db, username and password are meant to override the URL's parts.
         # Connections are made lazily, so setting them on the pool suffices.
         client.connection_pool.connection_kwargs.update(
-            {n: kwargs[n] for n in ("host", "port", "db", "username", "password") if n in kwargs}
+            {
+                n: kwargs[n]
+                for n in ("host", "port", "db", "username", "password")
+                if n in kwargs
+            }
         )
         return client
 
@@ -156,7 +190,9 @@ class Reconnecting:
         delay = 0.05
         logger.warning(
             "lost the connection to Redis at %s%s (%s); reconnecting",
-            self.spec.describe(), f" during {what}" if what else "", first_error,
+            self.spec.describe(),
+            f" during {what}" if what else "",
+            first_error,
         )
         while True:
             time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
@@ -207,6 +243,10 @@ def reach(client: redis.Redis, spec: ConnectionSpec) -> None:
         try:
             client.ping()
             return
+        except redis.exceptions.InvalidResponse as exc:
+            raise BackendUnavailableError(
+                f"{spec.describe()} does not answer like a Redis server: {exc}"
+            ) from exc
         except CONNECTION_ERRORS as exc:
             if lasting(exc):
                 raise refused(spec, exc) from exc
@@ -219,7 +259,9 @@ def reach(client: redis.Redis, spec: ConnectionSpec) -> None:
             client.connection_pool.disconnect()
 
 
-def unavailable(spec: ConnectionSpec, waited: float, exc: BaseException) -> BackendUnavailableError:
+def unavailable(
+    spec: ConnectionSpec, waited: float, exc: BaseException
+) -> BackendUnavailableError:
     return BackendUnavailableError(
         f"cannot reach Redis at {spec.describe()} (tried for {waited:g}s): {exc}"
     )

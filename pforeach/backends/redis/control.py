@@ -443,6 +443,13 @@ def _workers_from(
     return sorted(found, key=lambda w: (w.host, w.pid, w.worker_id))
 
 
+def _status(queue: str, client: Target, count_queued: bool) -> QueueStatus:
+    """Checks the queue's name, then takes one snapshot of it on ``client``."""
+    check_queue_name(queue)
+    with _session(client) as (r, address):
+        return _snapshot(r, queue, address, count_queued)
+
+
 # -- public API --------------------------------------------------------------------
 
 
@@ -459,9 +466,7 @@ def queue_status(queue: str = "jobs", client: Target = None) -> QueueStatus:
             that exist).
         BackendUnavailableError: Redis could not be reached.
     """
-    check_queue_name(queue)
-    with _session(client) as (r, address):
-        return _snapshot(r, queue, address, count_queued=True)
+    return _status(queue, client, count_queued=True)
 
 
 def jobs(queue: str = "jobs", client: Target = None) -> list[JobInfo]:
@@ -484,9 +489,7 @@ def jobs(queue: str = "jobs", client: Target = None) -> list[JobInfo]:
         >>> for job in jobs("jobs"):  # doctest: +SKIP
         ...     print(job.job_id, job.tasks_done, "/", job.tasks_total)
     """
-    check_queue_name(queue)
-    with _session(client) as (r, address):
-        return _snapshot(r, queue, address, count_queued=True).jobs
+    return _status(queue, client, count_queued=True).jobs
 
 
 def tasks(queue: str = "jobs", client: Target = None) -> list[TaskInfo]:
@@ -501,9 +504,7 @@ def tasks(queue: str = "jobs", client: Target = None) -> list[TaskInfo]:
         OptionError: no such queue on the server.
         BackendUnavailableError: Redis could not be reached.
     """
-    check_queue_name(queue)
-    with _session(client) as (r, address):
-        return _snapshot(r, queue, address, count_queued=False).tasks
+    return _status(queue, client, count_queued=False).tasks
 
 
 def workers(queue: str = "jobs", client: Target = None) -> list[WorkerInfo]:
@@ -522,9 +523,7 @@ def workers(queue: str = "jobs", client: Target = None) -> list[WorkerInfo]:
         OptionError: no such queue on the server.
         BackendUnavailableError: Redis could not be reached.
     """
-    check_queue_name(queue)
-    with _session(client) as (r, address):
-        return _snapshot(r, queue, address, count_queued=False).workers
+    return _status(queue, client, count_queued=False).workers
 
 
 def queues(client: Target = None) -> list[str]:

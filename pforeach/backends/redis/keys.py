@@ -203,7 +203,9 @@ def parse_task(message: bytes) -> tuple[TaskHeader, bytes]:
     try:
         job, task, env_hash, attempts, timeout, seed, np_seed, span = fields
         if not (
-            _ID.fullmatch(job) and _ID.fullmatch(env_hash) and _SPAN.fullmatch(span)
+            _ID.fullmatch(job)
+            and _ID.fullmatch(env_hash)
+            and _SPAN.fullmatch(span)
             and all(_COUNT.fullmatch(f) for f in (task, attempts, seed))
             and (np_seed == "-" or _COUNT.fullmatch(np_seed))
         ):
@@ -251,14 +253,18 @@ def decode_outcome(payload: bytes | memoryview) -> tuple[str, Any]:
     return kind.decode(), value
 
 
-def result_message(tag: bytes, job_id: str, task_id: int, wid: str, body: bytes) -> bytes:
+def result_message(
+    tag: bytes, job_id: str, task_id: int, wid: str, body: bytes
+) -> bytes:
     return b"%s %s %d %s\n" % (tag, job_id.encode(), task_id, wid.encode()) + body
 
 
 def parse_result(message: bytes) -> tuple[bytes, str, int, str, bytes]:
     """Parses a result or notice message: (tag, job, task, worker id, body)."""
     tag = message[:4]
-    fields, body = split_message(message, tag if tag in (RESULT_TAG, NOTICE_TAG) else RESULT_TAG)
+    fields, body = split_message(
+        message, tag if tag in (RESULT_TAG, NOTICE_TAG) else RESULT_TAG
+    )
     try:
         job, task, wid = fields
         return tag, job, int(task), wid, body
@@ -395,13 +401,18 @@ local function touch(key, ttl)
 end
 """
 
-TOUCH_VALUE = _TOUCH + """
+TOUCH_VALUE = (
+    _TOUCH
+    + """
 -- KEYS: a value   ARGV: ttl
 -- 1 if the value (with all its parts) exists and now lives ttl more seconds.
 return touch(KEYS[1], ARGV[1])
 """
+)
 
-KEEP_JOB = _TOUCH + """
+KEEP_JOB = (
+    _TOUCH
+    + """
 -- KEYS: job record, env, out, attempts   ARGV: key ttl, env ttl, field, value, ...
 -- Extends the TTLs of a running job's keys and updates its progress, only
 -- while its record exists: a removed job's record must not come back.
@@ -413,6 +424,7 @@ redis.call('EXPIRE', KEYS[4], ARGV[1])
 if #ARGV > 2 then redis.call('HSET', KEYS[1], unpack(ARGV, 3)) end
 return 1
 """
+)
 
 JOB_QUEUED = """
 -- KEYS: queue   ARGV: job id

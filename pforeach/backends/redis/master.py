@@ -33,6 +33,7 @@ from ... import serialize
 from ...errors import JobCancelledError, PayloadError, SerializationError
 from ...job import Job, Task, TaskResult
 from .client import CONNECTION_ERRORS, Reconnecting, reach
+from .control import live_worker_ids
 from .keys import (
     DROP_JOB,
     JOB_QUEUED,
@@ -50,13 +51,24 @@ from .values import part_keys, read_value, write_value
 
 logger = logging.getLogger(__name__)
 
+#: Seconds a job waits for its first result before checking for workers.
+_NO_WORKER_GRACE = 3.0
+
 #: Results popped per round trip while they stream in.
 _BATCH = 1000
 
 
 @dataclass
 class _Inflight:
-    task: Task
+    """A submitted task, kept only as the message that can submit it again.
+
+    The task's variables live on in the message's pickled bytes alone, so a
+    master with many iterations in flight holds bytes, not Python objects.
+    """
+
+    task_id: int
+    span: str  # "first-last" iterations, for messages
+    size: int  # iterations
     message: bytes
     parts: dict[str, bytes]  # part key -> bytes, for a task too large for one key
     unseen_since: float | None = None  # no start key seen since (lost-result check)
@@ -74,6 +86,7 @@ class Master:
         self.r: Any = backend.client
         self.io = Reconnecting(backend.spec, backend.reconnect_timeout)
         self.inflight: dict[int, _Inflight] = {}
+        self._inflight_iterations = 0
         self.exhausted = False
         self.submitted = 0
         self.finished = 0
@@ -86,8 +99,12 @@ class Master:
         self._keeper: threading.Thread | None = None
         self._scripts = {
             name: self.r.register_script(src)
-            for name, src in (("drop", DROP_JOB), ("requeue", REQUEUE), ("reclaim", RECLAIM),
-                              ("queued", JOB_QUEUED))
+            for name, src in (
+                ("drop", DROP_JOB),
+                ("requeue", REQUEUE),
+                ("reclaim", RECLAIM),
+                ("queued", JOB_QUEUED),
+            )
         }
         self._touch = self.r.register_script(TOUCH_VALUE)
 
@@ -103,17 +120,34 @@ class Master:
         try:
             self.io.call(self._open, "job submission")
             self.next_check = time.monotonic() + self.b.ftinterval
+            worker_check = time.monotonic() + _NO_WORKER_GRACE
             while True:
                 self._fill()
                 if self.exhausted and not self.inflight:
                     completed = True
                     return
                 yield from self._collect()
+                if worker_check and time.monotonic() >= worker_check:
+                    worker_check = 0.0
+                    self.io.call(self._warn_if_unserved, "worker check")
                 if time.monotonic() >= self.next_check or self._needs_check():
                     self._fault_check()
                     self.next_check = time.monotonic() + self.b.ftinterval
         finally:
             self._close(completed)
+
+    def _warn_if_unserved(self) -> None:
+        """Says so, once, when a job waits on a queue that no worker serves."""
+        if self.finished or live_worker_ids(self.r, self.keys):
+            return
+        logger.warning(
+            "job %s: no worker serves queue %s at %s; the loop waits until one "
+            "does (for example: pforeach-worker start -n 4 --queue %s --url ...)",
+            self.job.job_id,
+            self.keys.queue,
+            self.b.spec.describe(),
+            self.keys.queue,
+        )
 
     def _needs_check(self) -> bool:
         return self.io.reconnected or self._job_missing.is_set()
@@ -122,7 +156,7 @@ class Master:
 
     def _open(self) -> None:
         job, keys, b = self.job, self.keys, self.b
-        _, address = b.server_facts()
+        address = b.own_address()
         record: dict[str, str | int | float] = {
             "user": getpass.getuser(),
             "host": socket.gethostname(),
@@ -154,11 +188,16 @@ class Master:
         env_present = replies[0]
         self.run_id = str(replies[-1].get("run_id", ""))
         if env_present:
-            logger.debug("job %s: environment %s already in Redis", job.job_id, job.env_hash)
+            logger.debug(
+                "job %s: environment %s already in Redis", job.job_id, job.env_hash
+            )
         else:
             self._upload_env()
         logger.info(
-            "job %s: submitting to queue %s at %s", job.job_id, keys.queue, b.spec.describe()
+            "job %s: submitting to queue %s at %s",
+            job.job_id,
+            keys.queue,
+            b.spec.describe(),
         )
         if self._keeper is None:
             self._keeper = threading.Thread(target=self._keep_alive, daemon=True)
@@ -175,7 +214,10 @@ class Master:
         pipe.set(key, blob, ex=int(b.env_ttl))
         pipe.execute()
         logger.info(
-            "job %s: uploaded environment %s (%d bytes)", job.job_id, job.env_hash, len(sealed)
+            "job %s: uploaded environment %s (%d bytes)",
+            job.job_id,
+            job.env_hash,
+            len(sealed),
         )
 
     def _message(self, task: Task) -> _Inflight:
@@ -193,30 +235,58 @@ class Master:
         identity = self.keys.identity("task", job.job_id, task.task_id, header.decode())
         sealed = serialize.seal(serialize.dumps(task), identity, b.secret)
         parts: dict[str, bytes] = {}
-        blob = write_value(_Collect(parts), self.keys.task_value(job.job_id, task.task_id),
-                           sealed, b.part_size, b.key_ttl)
-        return _Inflight(task, header + blob, parts)
+        blob = write_value(
+            _Collect(parts),
+            self.keys.task_value(job.job_id, task.task_id),
+            sealed,
+            b.part_size,
+            b.key_ttl,
+        )
+        span = _span(task)
+        return _Inflight(task.task_id, span, len(task.items), header + blob, parts)
+
+    def _task_of(self, entry: _Inflight) -> Task:
+        """The task an in-flight message carries (to name its iterations)."""
+        header, _, blob = entry.message.partition(b"\n")
+        sealed = b"".join(entry.parts.values()) if blob[:1] == b"#" else blob[1:]
+        identity = self.keys.identity(
+            "task", self.job.job_id, entry.task_id, header.decode() + "\n"
+        )
+        task = serialize.loads(serialize.unseal(sealed, identity, self.b.secret))
+        assert isinstance(task, Task)
+        return task
 
     def _fill(self) -> None:
         room = self.b.max_inflight - len(self.inflight)
-        if self.exhausted or room <= 0:
+        if (
+            self.exhausted
+            or room <= 0
+            or self._inflight_iterations >= self.b.max_inflight_iterations
+        ):
             return
         # Small first batches let workers start while the rest is prepared.
         batch = []
         limit = min(room, 32 if self.submitted == 0 else 512)
+        iterations = self._inflight_iterations
         for task in self.job.tasks:
             batch.append(self._message(task))
-            if len(batch) >= limit:
+            iterations += len(task.items)
+            if len(batch) >= limit or iterations >= self.b.max_inflight_iterations:
                 break
         else:
             self.exhausted = True
         if batch:
-            self.io.call(lambda: self._push([e.message for e in batch], batch), "submission")
+            self.io.call(
+                lambda: self._push([e.message for e in batch], batch), "submission"
+            )
             for entry in batch:
-                self.inflight[entry.task.task_id] = entry
+                self.inflight[entry.task_id] = entry
+            self._inflight_iterations = iterations
             self.submitted += len(batch)
 
-    def _push(self, messages: list[bytes], entries: list[_Inflight], front: bool = False) -> None:
+    def _push(
+        self, messages: list[bytes], entries: list[_Inflight], front: bool = False
+    ) -> None:
         pipe = self.r.pipeline(transaction=False)
         for entry in entries:
             for key, part in entry.parts.items():
@@ -233,7 +303,9 @@ class Master:
         out = self.keys.out(self.job.job_id)
         messages: list[bytes] = []
         if self._flowing:
-            messages = self.io.call(lambda: self.r.lpop(out, _BATCH), "collecting") or []
+            messages = (
+                self.io.call(lambda: self.r.lpop(out, _BATCH), "collecting") or []
+            )
         self._flowing = bool(messages)
         if not messages:
             wait = max(0.05, min(1.0, self.next_check - time.monotonic()))
@@ -256,7 +328,9 @@ class Master:
             return None
         entry = self.inflight.get(task_id)
         if job_id != job.job_id or entry is None:
-            logger.debug("job %s: dropping a repeated result of task %d", job.job_id, task_id)
+            logger.debug(
+                "job %s: dropping a repeated result of task %d", job.job_id, task_id
+            )
             return None
         if tag == NOTICE_TAG:
             # Our own message failed a worker's checks. Once may be a message
@@ -272,13 +346,20 @@ class Master:
                 )
             logger.warning(
                 "job %s: worker %s could not read task %d (%s); sending it again",
-                job.job_id, wid, task_id, text,
+                job.job_id,
+                wid,
+                task_id,
+                text,
             )
-            self.io.call(lambda: self._push([entry.message], [entry], front=True), "resubmit")
+            self.io.call(
+                lambda: self._push([entry.message], [entry], front=True), "resubmit"
+            )
             return None
         key = self.keys.result_value(job_id, task_id, wid)
         try:
-            sealed = self.io.call(lambda: read_value(self.r, key, body), "reading a result")
+            sealed = self.io.call(
+                lambda: read_value(self.r, key, body), "reading a result"
+            )
             payload = serialize.unseal(
                 sealed, self.keys.identity("result", job_id, task_id), self.b.secret
             )
@@ -291,18 +372,30 @@ class Master:
             # does not unpickle here fails the same way every time, so after a
             # few tries its task fails with the reason.
             entry.rejected += 1
-            if isinstance(exc, SerializationError) and entry.rejected >= job.max_attempts:
+            if (
+                isinstance(exc, SerializationError)
+                and entry.rejected >= job.max_attempts
+            ):
                 self._retire(task_id)
-                return TaskResult.failed(entry.task, SerializationError(
-                    f"job {job_id}: the result of task {task_id} from worker {wid} "
-                    f"cannot be read here: {exc}"
-                ))
+                return TaskResult.failed(
+                    self._task_of(entry),
+                    SerializationError(
+                        f"job {job_id}: the result of task {task_id} from worker {wid} "
+                        f"cannot be read here: {exc}"
+                    ),
+                )
             logger.warning(
                 "job %s: result of task %d from worker %s (at %s) is unusable (%s); "
-                "running the task again", job.job_id, task_id, wid,
-                self.keys.out(job_id), exc,
+                "running the task again",
+                job.job_id,
+                task_id,
+                wid,
+                self.keys.out(job_id),
+                exc,
             )
-            self.io.call(lambda: self._push([entry.message], [entry], front=True), "resubmit")
+            self.io.call(
+                lambda: self._push([entry.message], [entry], front=True), "resubmit"
+            )
             return None
         finally:
             stale = part_keys(key, body)
@@ -310,14 +403,18 @@ class Master:
                 self.r.delete(*stale)
         if kind == "noenv":
             logger.warning(
-                "job %s: worker %s found no environment; uploading it again", job.job_id, wid
+                "job %s: worker %s found no environment; uploading it again",
+                job.job_id,
+                wid,
             )
             self.io.call(lambda: self._upload_env(), "environment upload")
-            self.io.call(lambda: self._push([entry.message], [entry], front=True), "resubmit")
+            self.io.call(
+                lambda: self._push([entry.message], [entry], front=True), "resubmit"
+            )
             return None
         self._retire(task_id)
         if kind == "fail":
-            return TaskResult.failed(entry.task, value)
+            return TaskResult.failed(self._task_of(entry), value)
         result: TaskResult = value
         return result
 
@@ -325,6 +422,7 @@ class Master:
         """Forgets a finished task and deletes its arguments' part keys, if any:
         nobody needs them any more, and a job leaves no keys behind."""
         entry = self.inflight.pop(task_id)
+        self._inflight_iterations -= entry.size
         if entry.parts:
             self.io.call(lambda: self.r.delete(*entry.parts), "clean-up")
 
@@ -342,10 +440,12 @@ class Master:
         if run_id != self.run_id:
             logger.warning(
                 "job %s: Redis at %s restarted; writing the job and its %d unfinished "
-                "tasks again", self.job.job_id, self.b.spec.describe(), len(self.inflight),
+                "tasks again",
+                self.job.job_id,
+                self.b.spec.describe(),
+                len(self.inflight),
             )
             self._job_missing.clear()
-            self.b.forget_server()
             self._open()
             entries = list(self.inflight.values())
             for start in range(0, len(entries), 512):
@@ -358,7 +458,8 @@ class Master:
         if not self.r.exists(self.keys.job(self.job.job_id)):
             logger.warning(
                 "job %s: removed from queue %s (remove_job or remove_queue); stopping",
-                self.job.job_id, self.keys.queue,
+                self.job.job_id,
+                self.keys.queue,
             )
             raise JobCancelledError(
                 f"job {self.job.job_id} was removed from queue {self.keys.queue}"
@@ -378,13 +479,21 @@ class Master:
             # Read first, only to say in the log which tasks go back.
             held = self.r.lrange(keys.proc(wid), 0, -1)
             moved = self._scripts["reclaim"](
-                keys=[keys.queue, keys.proc(wid), keys.worker(wid), keys.workers, keys.count],
+                keys=[
+                    keys.queue,
+                    keys.proc(wid),
+                    keys.worker(wid),
+                    keys.workers,
+                    keys.count,
+                ],
                 args=[wid, "0", "0"],
             )
             if moved and moved > 0:
                 logger.warning(
                     "queue %s: worker %s stopped answering; back to the queue: %s",
-                    keys.queue, wid, _describe_held(held),
+                    keys.queue,
+                    wid,
+                    _describe_held(held),
                 )
 
     def _check_tasks(self) -> None:
@@ -408,13 +517,21 @@ class Master:
                 # REQUEUE checks again, in the same step as the move: the
                 # task may have finished since the pipeline above.
                 if self._scripts["requeue"](
-                    keys=[keys.queue, keys.proc(wid), keys.start(job.job_id, task_id),
-                          keys.alive(job.job_id, task_id)],
+                    keys=[
+                        keys.queue,
+                        keys.proc(wid),
+                        keys.start(job.job_id, task_id),
+                        keys.alive(job.job_id, task_id),
+                    ],
                     args=[entry.message],
                 ):
                     logger.warning(
                         "job %s: task %d (iterations %s) lost its worker %s; "
-                        "resubmitting it", job.job_id, task_id, _span(entry.task), wid,
+                        "resubmitting it",
+                        job.job_id,
+                        task_id,
+                        entry.span,
+                        wid,
                     )
             else:
                 unseen.append(entry)
@@ -438,7 +555,9 @@ class Master:
         if lost:
             logger.warning(
                 "job %s: %d task(s) neither queued, running nor finished; "
-                "resubmitting them", job.job_id, len(lost),
+                "resubmitting them",
+                job.job_id,
+                len(lost),
             )
             self._push([e.message for e in lost], lost, front=True)
 
@@ -454,13 +573,24 @@ class Master:
         while not self._stop.wait(interval):
             try:
                 found = keep(
-                    keys=[keys.job(job_id), keys.env(self.job.env_hash), keys.out(job_id),
-                          keys.attempts(job_id)],
-                    args=[int(b.key_ttl), int(b.env_ttl),
-                          "tasks", self.submitted,
-                          "done", self.finished,
-                          "iterations_done", self.iterations,
-                          "total_tasks", self.submitted if self.exhausted else -1],
+                    keys=[
+                        keys.job(job_id),
+                        keys.env(self.job.env_hash),
+                        keys.out(job_id),
+                        keys.attempts(job_id),
+                    ],
+                    args=[
+                        int(b.key_ttl),
+                        int(b.env_ttl),
+                        "tasks",
+                        self.submitted,
+                        "done",
+                        self.finished,
+                        "iterations_done",
+                        self.iterations,
+                        "total_tasks",
+                        self.submitted if self.exhausted else -1,
+                    ],
                 )
                 # Parts of a large task wait in Redis as long as the task
                 # waits in the queue, which may be longer than key_ttl.
@@ -490,33 +620,49 @@ class Master:
             if completed:
                 # Nothing of the job is left in the queue: skip the scan.
                 pipe = client.pipeline(transaction=False)
-                pipe.delete(keys.out(job.job_id), keys.job(job.job_id), keys.attempts(job.job_id))
+                pipe.delete(
+                    keys.out(job.job_id),
+                    keys.job(job.job_id),
+                    keys.attempts(job.job_id),
+                )
                 pipe.srem(keys.jobs, job.job_id)
                 pipe.execute()
             else:
                 removed = self._scripts["drop"](
-                    keys=[keys.queue, keys.out(job.job_id), keys.job(job.job_id),
-                          keys.attempts(job.job_id), keys.jobs],
+                    keys=[
+                        keys.queue,
+                        keys.out(job.job_id),
+                        keys.job(job.job_id),
+                        keys.attempts(job.job_id),
+                        keys.jobs,
+                    ],
                     args=[job.job_id],
                     client=client,
                 )
             if self.inflight:
                 pipe = client.pipeline(transaction=False)
                 for task_id, entry in self.inflight.items():
-                    pipe.delete(keys.start(job.job_id, task_id), keys.alive(job.job_id, task_id),
-                                *entry.parts)
+                    pipe.delete(
+                        keys.start(job.job_id, task_id),
+                        keys.alive(job.job_id, task_id),
+                        *entry.parts,
+                    )
                 pipe.execute()
             if not completed:
                 # How many of the others run is not known here: remove_job
                 # may have taken queued ones before this clean-up.
                 logger.info(
                     "job %s: cancelled; %d queued task(s) removed; tasks already "
-                    "running finish and their results expire", job.job_id, removed,
+                    "running finish and their results expire",
+                    job.job_id,
+                    removed,
                 )
         except CONNECTION_ERRORS as exc:
             logger.warning(
                 "job %s: could not clean up its keys (%s); they expire within %gs",
-                job.job_id, exc, self.b.key_ttl,
+                job.job_id,
+                exc,
+                self.b.key_ttl,
             )
 
 

@@ -38,6 +38,7 @@ authority with a server and a client certificate signed by it.
 from __future__ import annotations
 
 import atexit
+import ctypes
 import datetime
 import importlib.util
 import ipaddress
@@ -48,6 +49,7 @@ import signal
 import socket
 import stat
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -208,6 +210,21 @@ def _tail(path: Path, lines: int = 30) -> str:
     except OSError:
         return ""
     return "\n".join(text.splitlines()[-lines:])
+
+
+def _in_main_thread() -> bool:
+    # The kernel's parent-death signal follows the thread that started the
+    # child: only one started from the main thread may rely on it.
+    return threading.current_thread() is threading.main_thread()
+
+
+def _die_with_parent() -> None:
+    """In a child before exec: ask Linux for SIGTERM when the parent dies."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None).prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
 
 
 def _terminate(proc: subprocess.Popen[bytes], timeout: float) -> None:
@@ -545,6 +562,8 @@ class RedisServer:
                     # Keep terminal signals (Ctrl-C) away from the server; it is
                     # stopped explicitly.
                     start_new_session=True,
+                    # ... or by the kernel, if this process is killed first.
+                    preexec_fn=_die_with_parent if _in_main_thread() else None,
                 )
         except OSError as exc:
             self._remove_dir()
@@ -749,29 +768,42 @@ def _certs_with_cryptography(out: Path) -> None:
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = name("pforeach test CA")
     ca_ski = x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key())
-    ca_cert = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(start)
-        .not_valid_after(end)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
+
+    def issued(
+        subject: x509.Name, key: ec.EllipticCurvePrivateKey, ca: bool
+    ) -> x509.CertificateBuilder:
+        """A certificate issued by the CA: the CA signs certificates, leaves
+        agree on keys (ECDHE)."""
+        return (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(ca_name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(start)
+            .not_valid_after(end)
+            .add_extension(
+                x509.BasicConstraints(ca=ca, path_length=0 if ca else None),
+                critical=True,
+            )
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=True,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=not ca,
+                    key_cert_sign=ca,
+                    crl_sign=ca,
+                    encipher_only=False,
+                    decipher_only=False,
+                ),
+                critical=True,
+            )
         )
+
+    ca_cert = (
+        issued(ca_name, ca_key, ca=True)
         .add_extension(ca_ski, critical=False)
         .sign(ca_key, hashes.SHA256())
     )
@@ -781,30 +813,7 @@ def _certs_with_cryptography(out: Path) -> None:
     def leaf(common_name: str, usage: x509.ObjectIdentifier) -> None:
         key = ec.generate_private_key(ec.SECP256R1())
         builder = (
-            x509.CertificateBuilder()
-            .subject_name(name(common_name))
-            .issuer_name(ca_name)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(start)
-            .not_valid_after(end)
-            .add_extension(
-                x509.BasicConstraints(ca=False, path_length=None), critical=True
-            )
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True,
-                    content_commitment=False,
-                    key_encipherment=False,
-                    data_encipherment=False,
-                    key_agreement=True,
-                    key_cert_sign=False,
-                    crl_sign=False,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                critical=True,
-            )
+            issued(name(common_name), key, ca=False)
             .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
             .add_extension(
                 x509.SubjectKeyIdentifier.from_public_key(key.public_key()),

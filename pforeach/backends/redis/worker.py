@@ -155,7 +155,9 @@ class Worker:
             runs alone, which then keeps its own heartbeat in a thread.
     """
 
-    def __init__(self, config: WorkerConfig, report: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self, config: WorkerConfig, report: Callable[[str], None] | None = None
+    ) -> None:
         self.config = config
         self.wid = new_worker_id()
         # redis-py annotates replies as sync-or-async unions; plain Any reads better.
@@ -185,7 +187,9 @@ class Worker:
             self.report(f"W {self.wid}")
         heart = None if self.report is not None else _OwnHeartbeat(self)
         logger.info(
-            "worker %s: serving %s at %s", self.wid, ", ".join(self.config.queues),
+            "worker %s: serving %s at %s",
+            self.wid,
+            ", ".join(self.config.queues),
             self.config.spec.describe(),
         )
         try:
@@ -203,16 +207,19 @@ class Worker:
         pipe = self.r.pipeline(transaction=False)
         for keys in self.config.keys:
             pipe.sadd(keys.workers, self.wid)
-            pipe.hset(keys.worker(self.wid), mapping={
-                "host": socket.gethostname(),
-                "pid": os.getpid(),
-                "queues": " ".join(self.config.queues),
-                "started": time.time(),
-                "tasks_done": 0,
-                "job": "",
-                "task": "",
-                "since": "",
-            })
+            pipe.hset(
+                keys.worker(self.wid),
+                mapping={
+                    "host": socket.gethostname(),
+                    "pid": os.getpid(),
+                    "queues": " ".join(self.config.queues),
+                    "started": time.time(),
+                    "tasks_done": 0,
+                    "job": "",
+                    "task": "",
+                    "since": "",
+                },
+            )
             pipe.expire(keys.worker(self.wid), int(self.config.alive_ttl))
             pipe.incr(keys.count)
             pipe.set(keys.live, 1, nx=True)
@@ -231,8 +238,13 @@ class Worker:
         try:
             for keys in self.config.keys:
                 self._reclaim(
-                    keys=[keys.queue, keys.proc(self.wid), keys.worker(self.wid),
-                          keys.workers, keys.count],
+                    keys=[
+                        keys.queue,
+                        keys.proc(self.wid),
+                        keys.worker(self.wid),
+                        keys.workers,
+                        keys.count,
+                    ],
                     args=[self.wid, "1", "1"],
                 )
         except (redis.RedisError, OSError) as exc:  # lost, or a key of the wrong type
@@ -257,7 +269,9 @@ class Worker:
             self.io.reconnected = False
             run_id = self._server_id()
             if not run_id or run_id != self._run_id:
-                logger.warning("worker %s: Redis restarted; registering again", self.wid)
+                logger.warning(
+                    "worker %s: Redis restarted; registering again", self.wid
+                )
                 self._register()
         pipe = self.r.pipeline(transaction=False)
         for keys in self.config.keys:
@@ -268,7 +282,9 @@ class Worker:
             elif keys.queue not in self._gone_since:
                 logger.info(
                     "worker %s: queue %s was removed; exiting in %gs unless it comes back",
-                    self.wid, keys.queue, self.config.linger,
+                    self.wid,
+                    keys.queue,
+                    self.config.linger,
                 )
                 self._gone_since[keys.queue] = time.monotonic()
 
@@ -276,20 +292,33 @@ class Worker:
 
     def _take_args(self, mode: str, index: int = 0) -> list[Any]:
         cfg = self.config
-        return [self.wid, f"{time.time():.3f}", int(cfg.alive_ttl), int(cfg.key_ttl), mode, index]
+        return [
+            self.wid,
+            f"{time.time():.3f}",
+            int(cfg.alive_ttl),
+            int(cfg.key_ttl),
+            mode,
+            index,
+        ]
 
     def _next_message(self) -> tuple[Keys, bytes, int] | None:
         keys_list = self.config.keys
         flat: list[str] = []
         for keys in keys_list:
             flat += [keys.queue, keys.proc(self.wid)]
-        reply = self.io.call(lambda: self._take(keys=flat, args=self._take_args("take")), "take")
+        reply = self.io.call(
+            lambda: self._take(keys=flat, args=self._take_args("take")), "take"
+        )
         if not reply:
             # Nothing queued: block on one queue (in turn, when there are
             # several) until a task arrives or the wait times out.
             self._turn = (self._turn + 1) % len(keys_list)
             keys = keys_list[self._turn]
-            wait = self.config.block if len(keys_list) == 1 else min(self.config.block, 0.2)
+            wait = (
+                self.config.block
+                if len(keys_list) == 1
+                else min(self.config.block, 0.2)
+            )
             # SIGTERM interrupts this wait (see on_sigterm), however long it
             # is: a task moved meanwhile is in the processing list, which
             # _unregister hands back.
@@ -309,7 +338,9 @@ class Worker:
                 self.io.call(self._check_queues, "queue check")
                 return None
             reply = self.io.call(
-                lambda: self._take(keys=flat, args=self._take_args("mark", self._turn + 1)),
+                lambda: self._take(
+                    keys=flat, args=self._take_args("mark", self._turn + 1)
+                ),
                 "take",
             )
             if not reply:
@@ -340,7 +371,9 @@ class Worker:
                 if attempt < 0:  # the scripts could not read its header
                     parse_task(message)
                     raise PayloadError("the header does not match the scripts' pattern")
-                header, payload = check_task(message, keys, self.config.secret, self._read)
+                header, payload = check_task(
+                    message, keys, self.config.secret, self._read
+                )
             except PayloadError as exc:
                 self._reject(keys, message, exc)
                 return
@@ -354,14 +387,19 @@ class Worker:
             # string, say) or a command is not allowed. Only this task suffers.
             logger.warning(
                 "worker %s: Redis refused a command while serving a task of queue %s "
-                "(%s); skipping the task", self.wid, keys.queue, exc,
+                "(%s); skipping the task",
+                self.wid,
+                keys.queue,
+                exc,
             )
             self.io.call(lambda: self.r.delete(keys.proc(self.wid)), "clean-up")
 
     def _read(self, key: str) -> bytes | None:
         """GET through reconnects; a key of the wrong type reads as a bad payload."""
         try:
-            value: bytes | None = self.io.call(lambda: self.r.get(key), f"reading {key}")
+            value: bytes | None = self.io.call(
+                lambda: self.r.get(key), f"reading {key}"
+            )
         except redis.ResponseError as exc:
             raise PayloadError(f"{key}: {exc}") from None
         return value
@@ -373,13 +411,19 @@ class Worker:
         except PayloadError:
             logger.warning(
                 "worker %s: dropping a malformed message from queue %s: %s",
-                self.wid, keys.queue, exc,
+                self.wid,
+                keys.queue,
+                exc,
             )
             self.io.call(lambda: self.r.delete(keys.proc(self.wid)), "clean-up")
             return
         logger.warning(
             "worker %s: rejected task %d of job %s from queue %s: %s",
-            self.wid, header.task_id, header.job_id, keys.queue, exc,
+            self.wid,
+            header.task_id,
+            header.job_id,
+            keys.queue,
+            exc,
         )
         self._notice(keys, header, str(exc))
 
@@ -399,22 +443,32 @@ class Worker:
                 if kind not in (b"list", b"none", "list", "none"):
                     logger.warning(
                         "worker %s: %s holds a %s, not a list; removing it",
-                        self.wid, proc, kind.decode() if isinstance(kind, bytes) else kind,
+                        self.wid,
+                        proc,
+                        kind.decode() if isinstance(kind, bytes) else kind,
                     )
                     self.io.call(functools.partial(self.r.delete, proc), "clean-up")
             except redis.ResponseError as error:
-                logger.warning("worker %s: cannot inspect %s: %s", self.wid, proc, error)
+                logger.warning(
+                    "worker %s: cannot inspect %s: %s", self.wid, proc, error
+                )
         time.sleep(min(self.config.block, 1.0))
 
     def _begin(self, keys: Keys, header: TaskHeader) -> None:
         self.current = _Current(
-            keys.queue, header.job_id, header.task_id, time.time(), header.timeout,
+            keys.queue,
+            header.job_id,
+            header.task_id,
+            time.time(),
+            header.timeout,
             self.current.tasks_done,
         )
         if self.report is not None:
             timeout = "-" if header.timeout is None else repr(header.timeout)
             self.report(f"R {keys.queue} {header.job_id} {header.task_id} {timeout}")
-        logger.debug("worker %s: job %s task %d started", self.wid, header.job_id, header.task_id)
+        logger.debug(
+            "worker %s: job %s task %d started", self.wid, header.job_id, header.task_id
+        )
 
     def _end(self) -> None:
         self.current = _Current(tasks_done=self.current.tasks_done + 1)
@@ -428,7 +482,11 @@ class Worker:
         if attempt > header.max_attempts:
             logger.warning(
                 "worker %s: job %s task %d was taken %d times, each time by a worker "
-                "that died; failing it", self.wid, job_id, task_id, attempt - 1,
+                "that died; failing it",
+                self.wid,
+                job_id,
+                task_id,
+                attempt - 1,
             )
             error = WorkerLostError(
                 f"job {job_id}: task {task_id} was tried {attempt - 1} times and its "
@@ -448,7 +506,11 @@ class Worker:
         except PayloadError as exc:
             logger.warning(
                 "worker %s: rejected task %d of job %s from queue %s: %s",
-                self.wid, task_id, job_id, keys.queue, exc,
+                self.wid,
+                task_id,
+                job_id,
+                keys.queue,
+                exc,
             )
             self._notice(keys, header, str(exc))
             return
@@ -457,7 +519,10 @@ class Worker:
         result = self._execute(env, task, seeds, header)
         logger.debug(
             "worker %s: job %s task %d done in %.3fs",
-            self.wid, job_id, task_id, time.monotonic() - started,
+            self.wid,
+            job_id,
+            task_id,
+            time.monotonic() - started,
         )
         _log_failures(self.wid, job_id, result)
         self._push(keys, header, "ok", result)
@@ -504,13 +569,18 @@ class Worker:
             except PayloadError as exc:
                 logger.warning(
                     "worker %s: job %s: rejected environment %s: %s",
-                    self.wid, header.job_id, key, str(exc).removeprefix(key + ": "),
+                    self.wid,
+                    header.job_id,
+                    key,
+                    str(exc).removeprefix(key + ": "),
                 )
                 return None
             if blob is None:
                 logger.warning(
                     "worker %s: job %s: environment %s is not in Redis",
-                    self.wid, header.job_id, header.env_hash,
+                    self.wid,
+                    header.job_id,
+                    header.env_hash,
                 )
                 return None
             loaded = self._load_env(keys, header, blob)
@@ -518,7 +588,10 @@ class Worker:
                 return None
             logger.info(
                 "worker %s: job %s: loaded environment %s (%d bytes, %.3fs)",
-                self.wid, header.job_id, header.env_hash, len(blob),
+                self.wid,
+                header.job_id,
+                header.env_hash,
+                len(blob),
                 time.monotonic() - started,
             )
         self._loaded[header.job_id] = loaded
@@ -526,7 +599,9 @@ class Worker:
             self._loaded.popitem(last=False)
         return loaded
 
-    def _load_env(self, keys: Keys, header: TaskHeader, blob: bytes) -> LoadedEnv | None:
+    def _load_env(
+        self, keys: Keys, header: TaskHeader, blob: bytes
+    ) -> LoadedEnv | None:
         """The environment at ``blob``; None if it fails its checks (it is
         not unpickled then, and the master is asked to upload it again)."""
         key = keys.env(header.env_hash)
@@ -540,7 +615,10 @@ class Worker:
             reason = str(exc).removeprefix(identity + ": ").removeprefix(key + ": ")
             logger.warning(
                 "worker %s: job %s: rejected environment %s: %s",
-                self.wid, header.job_id, key, reason,
+                self.wid,
+                header.job_id,
+                key,
+                reason,
             )
             return None
         loaded = LoadedEnv.load(payload, header.job_id)
@@ -555,15 +633,34 @@ class Worker:
     def _push(self, keys: Keys, header: TaskHeader, kind: str, value: Any) -> None:
         payload = encode_outcome(kind, value)
         push_result(
-            self.r, self._finish, keys, self.wid, header.job_id, header.task_id,
-            kind, payload, self.config, self.io,
+            self.r,
+            self._finish,
+            keys,
+            self.wid,
+            header.job_id,
+            header.task_id,
+            kind,
+            payload,
+            self.config,
+            self.io,
         )
 
     def _notice(self, keys: Keys, header: TaskHeader, text: str) -> None:
         """Tells the master its task was unreadable (unsigned: it may not share our key)."""
-        message = result_message(NOTICE_TAG, header.job_id, header.task_id, self.wid, text.encode())
-        finish_task(self.r, self._finish, keys, self.wid, header.job_id, header.task_id,
-                    message, self.config, self.io)
+        message = result_message(
+            NOTICE_TAG, header.job_id, header.task_id, self.wid, text.encode()
+        )
+        finish_task(
+            self.r,
+            self._finish,
+            keys,
+            self.wid,
+            header.job_id,
+            header.task_id,
+            message,
+            self.config,
+            self.io,
+        )
 
     # -- signals ---------------------------------------------------------------------
 
@@ -636,8 +733,11 @@ def load_task(header: TaskHeader, payload: bytes | memoryview) -> Task:
         and getattr(task, "task_id", None) == header.task_id
         and isinstance(items, list)
         and all(
-            isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], int)
-            and isinstance(item[1], dict) and all(isinstance(k, str) for k in item[1])
+            isinstance(item, tuple)
+            and len(item) == 2
+            and isinstance(item[0], int)
+            and isinstance(item[1], dict)
+            and all(isinstance(k, str) for k in item[1])
             for item in items
         )
     ):
@@ -676,10 +776,17 @@ def push_result(
     io: Reconnecting,
 ) -> None:
     """Seals a result, stores it (in parts if large) and finishes the task."""
-    sealed = serialize.seal(payload, keys.identity("result", job_id, task_id), config.secret)
+    sealed = serialize.seal(
+        payload, keys.identity("result", job_id, task_id), config.secret
+    )
     pipe = r.pipeline(transaction=False)
-    blob = write_value(pipe, keys.result_value(job_id, task_id, wid), sealed,
-                       config.part_size, config.key_ttl)
+    blob = write_value(
+        pipe,
+        keys.result_value(job_id, task_id, wid),
+        sealed,
+        config.part_size,
+        config.key_ttl,
+    )
     if len(pipe):
         io.call(pipe.execute, "result upload")
     message = result_message(RESULT_TAG, job_id, task_id, wid, blob)
@@ -700,8 +807,13 @@ def finish_task(
 ) -> None:
     io.call(
         lambda: finish(
-            keys=[keys.out(job_id), keys.start(job_id, task_id), keys.alive(job_id, task_id),
-                  keys.proc(wid), keys.job(job_id)],
+            keys=[
+                keys.out(job_id),
+                keys.start(job_id, task_id),
+                keys.alive(job_id, task_id),
+                keys.proc(wid),
+                keys.job(job_id),
+            ],
             args=[message, int(config.key_ttl), wid],
             client=r,
         ),
@@ -716,8 +828,15 @@ def _log_failures(wid: str, job_id: str, result: TaskResult) -> None:
         index, first = failed[0]
         logger.warning(
             "worker %s: job %s task %d: %d of %d iteration(s) failed; "
-            "first: iteration %d: %s: %s", wid, job_id, result.task_id, len(failed),
-            result.size, index, type(first.error).__name__, first.error,
+            "first: iteration %d: %s: %s",
+            wid,
+            job_id,
+            result.task_id,
+            len(failed),
+            result.size,
+            index,
+            type(first.error).__name__,
+            first.error,
         )
 
 
@@ -741,20 +860,31 @@ def beat(r: Any, config: WorkerConfig, wid: str, current: _Current) -> None:
     pipe = r.pipeline(transaction=False)
     for keys in config.keys:
         pipe.sadd(keys.workers, wid)
-        pipe.hset(keys.worker(wid), mapping={
-            "job": current.job_id,
-            "task": "" if current.task_id < 0 else current.task_id,
-            "since": current.since or "",
-            "tasks_done": current.tasks_done,
-            "beat": f"{time.time():.3f}",  # for job control's reports
-        })
+        pipe.hset(
+            keys.worker(wid),
+            mapping={
+                # Who the worker is, again: a record removed meanwhile (the
+                # queue was removed and came back) is rewritten whole.
+                "host": socket.gethostname(),
+                "pid": _pid_of(wid),
+                "queues": " ".join(config.queues),
+                "job": current.job_id,
+                "task": "" if current.task_id < 0 else current.task_id,
+                "since": current.since or "",
+                "tasks_done": current.tasks_done,
+                "beat": f"{time.time():.3f}",  # for job control's reports
+            },
+        )
+        pipe.hsetnx(keys.worker(wid), "started", f"{time.time():.3f}")
         pipe.expire(keys.worker(wid), ttl)
         if current.job_id and keys.queue == current.queue:
             # Only refresh: TAKE creates the key and FINISH deletes it, and a
             # beat that lags behind a finished task must not bring it back.
             pipe.expire(keys.alive(current.job_id, current.task_id), ttl)
             # The start key lasts key_ttl; a task may run for longer.
-            pipe.expire(keys.start(current.job_id, current.task_id), int(config.key_ttl))
+            pipe.expire(
+                keys.start(current.job_id, current.task_id), int(config.key_ttl)
+            )
     if _execute_logged(pipe, f"worker {wid}: heartbeat"):
         # The worker's own record may hold the wrong type; it is this
         # worker's alone, so it is removed and the next beat writes it anew.
@@ -763,9 +893,17 @@ def beat(r: Any, config: WorkerConfig, wid: str, current: _Current) -> None:
             if kind not in (b"hash", b"none", "hash", "none"):
                 logger.warning(
                     "worker %s: %s holds a %s, not a hash; removing it",
-                    wid, keys.worker(wid), kind.decode() if isinstance(kind, bytes) else kind,
+                    wid,
+                    keys.worker(wid),
+                    kind.decode() if isinstance(kind, bytes) else kind,
                 )
                 r.delete(keys.worker(wid))
+
+
+def _pid_of(wid: str) -> str:
+    """The process id in a worker id (``host-pid-random``)."""
+    parts = wid.rsplit("-", 2)
+    return parts[1] if len(parts) == 3 else ""
 
 
 def _execute_logged(pipe: Any, what: str) -> bool:
@@ -853,7 +991,7 @@ def make_config(
     **options: Any,
 ) -> WorkerConfig:
     names = [queues] if isinstance(queues, str) else list(queues)
-    spec = spec or ConnectionSpec(url)
+    spec = (spec or ConnectionSpec(url)).check()
     config = WorkerConfig(names, spec, load_secret(secret), **options)
     warn_if_exposed(spec, config.secret)
     return config
@@ -913,8 +1051,11 @@ class Supervisor:
             raise
         self.children = [self._spawn() for _ in range(self.n)]
         logger.info(
-            "supervisor %d: %d worker(s) serving %s at %s", os.getpid(), self.n,
-            ", ".join(self.config.queues), self.config.spec.describe(),
+            "supervisor %d: %d worker(s) serving %s at %s",
+            os.getpid(),
+            self.n,
+            ", ".join(self.config.queues),
+            self.config.spec.describe(),
         )
         interval = self.config.alive_ttl / 3
         next_beat = 0.0
@@ -960,8 +1101,12 @@ class Supervisor:
         elif kind == "R":
             queue, job_id, task_id, timeout = rest.split(" ")
             child.current = _Current(
-                queue, job_id, int(task_id), time.time(),
-                None if timeout == "-" else float(timeout), child.current.tasks_done,
+                queue,
+                job_id,
+                int(task_id),
+                time.time(),
+                None if timeout == "-" else float(timeout),
+                child.current.tasks_done,
             )
         elif kind == "I":
             child.current = _Current(tasks_done=child.current.tasks_done + 1)
@@ -995,10 +1140,14 @@ class Supervisor:
                 self._release(child, uncount=True)
                 continue
             logger.warning(
-                "worker %s (pid %d) died with exit code %s%s", child.wid or "?",
-                child.proc.pid, code,
+                "worker %s (pid %d) died with exit code %s%s",
+                child.wid or "?",
+                child.proc.pid,
+                code,
                 f" running job {child.current.job_id} task {child.current.task_id}; "
-                "its task goes back to the queue" if child.current.job_id else "",
+                "its task goes back to the queue"
+                if child.current.job_id
+                else "",
             )
             self._release(child, uncount=False)
             if not self.stopping:
@@ -1048,8 +1197,13 @@ class Supervisor:
                 self.io.call(
                     functools.partial(
                         self._reclaim,
-                        keys=[keys.queue, keys.proc(child.wid), keys.worker(child.wid),
-                              keys.workers, keys.count],
+                        keys=[
+                            keys.queue,
+                            keys.proc(child.wid),
+                            keys.worker(child.wid),
+                            keys.workers,
+                            keys.count,
+                        ],
                         args=[child.wid, "1", "1" if uncount else "0"],
                     ),
                     "reclaim",
@@ -1065,7 +1219,10 @@ class Supervisor:
                 continue
             logger.warning(
                 "worker %s: job %s task %d ran past its %gs limit; stopping it",
-                child.wid, cur.job_id, cur.task_id, cur.timeout,
+                child.wid,
+                cur.job_id,
+                cur.task_id,
+                cur.timeout,
             )
             child.proc.kill()
             child.proc.wait()
@@ -1075,12 +1232,25 @@ class Supervisor:
             header = TaskHeader(cur.job_id, cur.task_id, "", 0, cur.timeout, 0, None)
             payload = encode_outcome("fail", _timeout_error(header))
             try:
-                push_result(self.r, self._finish, keys, child.wid, cur.job_id, cur.task_id,
-                            "fail", payload, self.config, self.io)
+                push_result(
+                    self.r,
+                    self._finish,
+                    keys,
+                    child.wid,
+                    cur.job_id,
+                    cur.task_id,
+                    "fail",
+                    payload,
+                    self.config,
+                    self.io,
+                )
             except Exception as exc:
                 logger.warning(
                     "worker %s: job %s task %d: could not report its timeout: %s",
-                    child.wid, cur.job_id, cur.task_id, exc,
+                    child.wid,
+                    cur.job_id,
+                    cur.task_id,
+                    exc,
                 )
             self._release(child, uncount=False)
             if not self.stopping:
@@ -1107,7 +1277,10 @@ class Supervisor:
 
 
 _CHILD_MAIN = "from pforeach.backends.redis.worker import child_main; child_main()"
-_SUPERVISOR_MAIN = "from pforeach.backends.redis.worker import supervisor_main; supervisor_main()"
+_DIE_WITH_PARENT = "PFOREACH_DIE_WITH_PARENT"
+_SUPERVISOR_MAIN = (
+    "from pforeach.backends.redis.worker import supervisor_main; supervisor_main()"
+)
 
 
 def configure_logging(log_file: str | None, level: str) -> None:
@@ -1116,7 +1289,9 @@ def configure_logging(log_file: str | None, level: str) -> None:
         logging.FileHandler(log_file) if log_file else logging.StreamHandler()
     )
     handler.setFormatter(
-        logging.Formatter("%(asctime)s %(levelname)s pforeach-worker[%(process)d] %(message)s")
+        logging.Formatter(
+            "%(asctime)s %(levelname)s pforeach-worker[%(process)d] %(message)s"
+        )
     )
     root = logging.getLogger("pforeach")
     root.addHandler(handler)
@@ -1165,6 +1340,10 @@ def supervisor_main() -> None:
     """Entry point of a supervisor started by :func:`start_local_workers`."""
     n, config = pickle.loads(sys.stdin.buffer.read())
     configure_logging(config.log_file, config.log_level)
+    if os.environ.get(_DIE_WITH_PARENT) == "1":
+        # The program that started these workers was killed (SIGKILL, or a
+        # SIGTERM it did not handle): stop them instead of leaving them behind.
+        _term_when_parent_dies(os.getppid())
     sys.exit(Supervisor(n, config).run())
 
 
@@ -1176,10 +1355,17 @@ class LocalWorkers:
     """
 
     def __init__(self, n: int, config: WorkerConfig) -> None:
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise OptionError(f"need at least one worker process, not {n!r}")
         self.n = n
         self.config = config
+        # The kernel's parent-death signal follows the starting thread, so
+        # only workers started from the main thread rely on it.
+        main = threading.current_thread() is threading.main_thread()
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", _SUPERVISOR_MAIN], stdin=subprocess.PIPE
+            [sys.executable, "-c", _SUPERVISOR_MAIN],
+            stdin=subprocess.PIPE,
+            env={**os.environ, _DIE_WITH_PARENT: "1" if main else "0"},
         )
         assert self.proc.stdin is not None
         self.proc.stdin.write(pickle.dumps((n, config)))
@@ -1209,9 +1395,14 @@ class LocalWorkers:
         deadline = time.monotonic() + timeout
         try:
             reach(client, self.config.spec)  # a clear error for refused credentials
-            while len(set(live_worker_ids(client, keys)) & self._wids(client, keys)) < self.n:
+            while (
+                len(set(live_worker_ids(client, keys)) & self._wids(client, keys))
+                < self.n
+            ):
                 if self.proc.poll() is not None:
-                    raise RuntimeError(f"the workers exited with code {self.proc.returncode}")
+                    raise RuntimeError(
+                        f"the workers exited with code {self.proc.returncode}"
+                    )
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"{self.n} workers not ready after {timeout:g}s")
                 time.sleep(0.05)
