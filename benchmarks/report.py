@@ -463,16 +463,17 @@ Every key and message is described in the docstring of
 `pforeach/backends/redis/keys.py`. A task's trip through Redis:
 
 **Per loop (job), the master** makes four round trips before any result,
-whatever the number of tasks, and one to clean up (the server's run id and
-the master's own address are asked once per backend, not per loop):
+whatever the number of tasks, and one to clean up:
 
 1. `PING`, so that an unreachable or refusing server fails the loop at once
    with its address, instead of after the reconnect timeout;
-2. one pipeline: `EXPIRE Q.env.H` (if an identical environment is already
-   stored, the same loop run again, this keeps it and nothing is uploaded;
-   otherwise one more round trip `SET`s it, in parts above the part size),
-   `HSET` + `EXPIRE` of the job record, `SADD Q.jobs`, `SET Q.live` (what
-   `pforeach jobs` and the workers read);
+2. one pipeline: renew `Q.env.H` (and its parts) if an identical environment
+   is already stored, which is the case when the same loop runs again, so
+   that nothing is uploaded (otherwise one more round trip `SET`s it, in
+   parts above the part size); `HSET` + `EXPIRE` of the job record,
+   `SADD Q.jobs`, `SET Q.live` (what `pforeach jobs` and the workers read);
+   and `INFO server`, whose run id tells a server that restarted and lost
+   the job apart from one that did not;
 3. tasks are `RPUSH`ed in pipelined batches (32 first, so that workers start
    at once, then up to 512);
 4. results are drained with `LPOP Q.out.J 1000` while they stream in, and a
