@@ -87,7 +87,10 @@ def env_read_redis(url: str, key: str, i: int, tasks: int) -> float:
         client = _CLIENTS.get(url)
         if client is None:
             client = _CLIENTS[url] = redis.Redis.from_url(url)
-        data = _FETCHED[key] = pickle.loads(client.get(key))
+        raw = client.get(key)
+        if not isinstance(raw, bytes):
+            raise KeyError(f"{key} is not in Redis at {url}")
+        data = _FETCHED[key] = pickle.loads(raw)
     return env_slice_sum(data, i, tasks)
 
 

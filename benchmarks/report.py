@@ -462,7 +462,7 @@ Measured {when}: every workload ran {runs} time(s) on every system,
 Every key and message is described in the docstring of
 `pforeach/backends/redis/keys.py`. A task's trip through Redis:
 
-**Per loop (job), the master** makes four round trips before any result,
+**Per loop (job), the master** makes five round trips before any result,
 whatever the number of tasks, and one to clean up:
 
 1. `PING`, so that an unreachable or refusing server fails the loop at once
@@ -473,7 +473,8 @@ whatever the number of tasks, and one to clean up:
    parts above the part size); `HSET` + `EXPIRE` of the job record,
    `SADD Q.jobs`, `SET Q.live` (what `pforeach jobs` and the workers read);
    and `INFO server`, whose run id tells a server that restarted and lost
-   the job apart from one that did not;
+   the job apart from one that did not (because the pipeline holds a
+   script, redis-py first asks `SCRIPT EXISTS`, one more round trip);
 3. tasks are `RPUSH`ed in pipelined batches (32 first, so that workers start
    at once, then up to 512);
 4. results are drained with `LPOP Q.out.J 1000` while they stream in, and a
@@ -482,8 +483,9 @@ whatever the number of tasks, and one to clean up:
    attempt counters (a loop cut short runs the `DROP_JOB` script instead,
    which also takes its queued tasks back out of the queue).
 
-A thread refreshes the job's TTLs every few seconds, and every `ftinterval`
-the master runs its fault check (one pipeline over the tasks in flight).
+A thread refreshes the job's TTLs and progress counts about once a second,
+and every `ftinterval` the master runs its fault check (one pipeline over the
+tasks in flight).
 
 **Per task, a worker** makes two round trips, each one Lua script that does
 several things atomically:
@@ -511,8 +513,16 @@ are how a master that cannot see the worker tells *running* from *lost*; the
 attempt counter enforces `max_attempts` even when every attempt kills its
 worker; and checking that the job exists before taking or answering keeps a
 cancelled job from running on or leaving results behind. The price is two
-script calls per task on the worker side, which, with the Python work around
-each call, is what bounds W1 and W4; W1b amortizes the round trips over 100
-iterations, so there the per-iteration work of the worker (calling the body
-and seeding the random generators for each iteration) dominates.
+script calls per task on the worker side. Each call costs far more in the
+client library and in the server's handling of a request than in the Lua
+work itself, so these calls, with the master's own round trips, are what
+bound W1 and W4.
+
+**W1b, and what else an iteration costs.** Chunking amortizes the round
+trips over 100 iterations. What remains is per-iteration work, and most of
+it is seeding: pforeach seeds Python's global generator, and NumPy's when
+NumPy is loaded, before every iteration, so that an iteration's random draws
+depend only on the loop's seed and its own index, on any backend, worker
+count or chunk size. With a trivial body that seeding is most of what an
+iteration costs; the peers, which do not seed, run W1b's iterations faster.
 """

@@ -95,6 +95,10 @@ class Keys:
     def proc(self, wid: str) -> str:
         return f"{self.queue}.proc.{wid}"
 
+    def reclaim_keys(self, wid: str) -> list[str]:
+        """The KEYS of the RECLAIM script for worker ``wid``."""
+        return [self.queue, self.proc(wid), self.worker(wid), self.workers, self.count]
+
     def env(self, env_hash: str) -> str:
         return f"{self.queue}.env.{env_hash}"
 

@@ -479,13 +479,7 @@ class Master:
             # Read first, only to say in the log which tasks go back.
             held = self.r.lrange(keys.proc(wid), 0, -1)
             moved = self._scripts["reclaim"](
-                keys=[
-                    keys.queue,
-                    keys.proc(wid),
-                    keys.worker(wid),
-                    keys.workers,
-                    keys.count,
-                ],
+                keys=keys.reclaim_keys(wid),
                 args=[wid, "0", "0"],
             )
             if moved and moved > 0:

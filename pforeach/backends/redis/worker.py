@@ -21,6 +21,7 @@ starts and ``I`` when it is done.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -238,13 +239,7 @@ class Worker:
         try:
             for keys in self.config.keys:
                 self._reclaim(
-                    keys=[
-                        keys.queue,
-                        keys.proc(self.wid),
-                        keys.worker(self.wid),
-                        keys.workers,
-                        keys.count,
-                    ],
+                    keys=keys.reclaim_keys(self.wid),
                     args=[self.wid, "1", "1"],
                 )
         except (redis.RedisError, OSError) as exc:  # lost, or a key of the wrong type
@@ -1113,10 +1108,9 @@ class Supervisor:
 
     def _beat_one(self, child: _Child) -> None:
         if child.wid:
-            try:
+            # Lost (the next beat retries) or refused (beat logged it).
+            with contextlib.suppress(redis.RedisError, OSError):
                 beat(self.r, self.config, child.wid, child.current)
-            except (redis.RedisError, OSError):
-                pass  # lost (the next beat retries) or refused (beat logged it)
 
     def _beat(self) -> None:
         for child in self.children:
@@ -1197,13 +1191,7 @@ class Supervisor:
                 self.io.call(
                     functools.partial(
                         self._reclaim,
-                        keys=[
-                            keys.queue,
-                            keys.proc(child.wid),
-                            keys.worker(child.wid),
-                            keys.workers,
-                            keys.count,
-                        ],
+                        keys=keys.reclaim_keys(child.wid),
                         args=[child.wid, "1", "1" if uncount else "0"],
                     ),
                     "reclaim",
@@ -1307,10 +1295,10 @@ def child_main() -> None:
     status = os.fdopen(int(sys.argv[1]), "w", buffering=1)
 
     def report(line: str) -> None:
-        try:
+        # A supervisor that is gone cannot be told; SIGTERM (below) or
+        # _serving stops this worker.
+        with contextlib.suppress(OSError):
             status.write(line + "\n")
-        except OSError:
-            pass  # the supervisor is gone; SIGTERM (below) or _serving stops us
 
     worker = Worker(config, report)
     signal.signal(signal.SIGTERM, worker.on_sigterm)
