@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import shutil
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -69,6 +70,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def _exit_on_signal(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def _split(text: str | None) -> list[str] | None:
     return [part.strip() for part in text.split(",") if part.strip()] if text else None
 
@@ -84,7 +89,14 @@ def main(argv: list[str] | None = None) -> int:
 
     def progress(line: str) -> None:
         if not args.quiet:
-            print(line, file=sys.stderr, flush=True)
+            try:
+                print(line, file=sys.stderr, flush=True)
+            except OSError:  # a closed pipe must not stop the run or its clean-up
+                pass
+
+    # SIGTERM (a timeout, a CI cancel) unwinds like Ctrl+C, so that the Redis
+    # server and every system's workers are stopped on the way out.
+    signal.signal(signal.SIGTERM, _exit_on_signal)
 
     if args.render is not None:
         record = report.Record.from_json(args.render.read_text())

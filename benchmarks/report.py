@@ -462,24 +462,22 @@ Measured {when}: every workload ran {runs} time(s) on every system,
 Every key and message is described in the docstring of
 `pforeach/backends/redis/keys.py`. A task's trip through Redis:
 
-**Per loop (job), the master** makes five round trips before any result,
-whatever the number of tasks, and one to clean up:
+**Per loop (job), the master** makes three round trips before the first
+result arrives, whatever the number of tasks, and one to clean up:
 
-1. `PING`, so that an unreachable or refusing server fails the loop at once
-   with its address, instead of after the reconnect timeout;
-2. one pipeline: renew `Q.env.H` (and its parts) if an identical environment
+1. one pipeline: renew `Q.env.H` (and its parts) if an identical environment
    is already stored, which is the case when the same loop runs again, so
    that nothing is uploaded (otherwise one more round trip `SET`s it, in
    parts above the part size); `HSET` + `EXPIRE` of the job record,
    `SADD Q.jobs`, `SET Q.live` (what `pforeach jobs` and the workers read);
    and `INFO server`, whose run id tells a server that restarted and lost
-   the job apart from one that did not (because the pipeline holds a
-   script, redis-py first asks `SCRIPT EXISTS`, one more round trip);
-3. tasks are `RPUSH`ed in pipelined batches (32 first, so that workers start
+   the job apart from one that did not. Only if this fails does the master
+   `PING`, to fail the loop at once with the server's address;
+2. tasks are `RPUSH`ed in pipelined batches (32 first, so that workers start
    at once, then up to 512);
-4. results are drained with `LPOP Q.out.J 1000` while they stream in, and a
+3. results are drained with `LPOP Q.out.J 1000` while they stream in, and a
    `BLPOP` waits when the list is empty;
-5. at the end, one pipeline deletes the job's result list, record and
+4. at the end, one pipeline deletes the job's result list, record and
    attempt counters (a loop cut short runs the `DROP_JOB` script instead,
    which also takes its queued tasks back out of the queue).
 

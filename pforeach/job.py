@@ -149,23 +149,32 @@ class JobEnv:
     seed_worker: Callable[[int], None] | None = None
     errorhandling: str = "stop"
 
-    def check_capturable(self) -> None:
-        """Fails early, naming the variable, if something cannot be shipped."""
+    def check_capturable(self, trial: bool = True) -> None:
+        """Fails early, naming the variable, if something cannot be shipped.
+
+        Args:
+            trial: serialize each captured value on its own, to name the one
+                that fails; False only refuses the kinds never shipped.
+        """
         for role in ("body", "worker_init", "reduce", "seed_worker"):
             func = getattr(self, role)
             if func is None:
                 continue
             for name, value in serialize.captured_variables(func):
-                serialize.check_capturable(name, value)
+                serialize.check_capturable(name, value, trial)
         for name, value in self.exports.items():
-            serialize.check_capturable(name, value)
+            serialize.check_capturable(name, value, trial)
 
     def dumps(self) -> bytes:
         """Serializes the environment, naming the culprit if that fails."""
-        self.check_capturable()
+        # Each captured value is serialized on its own only when the whole
+        # fails, to name it: a large one (a 40 MB array) would otherwise be
+        # serialized twice for every loop.
+        self.check_capturable(trial=False)
         try:
             return serialize.dumps(self)
         except SerializationError as exc:
+            self.check_capturable()  # names a captured variable, if one is the cause
             for role in ("body", "worker_init", "reduce", "seed_worker"):
                 try:
                     serialize.dumps(getattr(self, role))

@@ -142,12 +142,18 @@ def _global_names(code: types.CodeType) -> Iterator[str]:
             yield from _global_names(const)
 
 
-def check_capturable(name: str, value: Any) -> None:
+def check_capturable(name: str, value: Any, trial: bool = True) -> None:
     """Raises SerializationError if ``value`` cannot be shipped to a worker.
 
     Locks, open files, sockets and generators are refused even where dill
     could copy them, because the copy would not be the same object: a lock
     that locks nothing, a file at another offset on another machine.
+
+    Args:
+        name: the variable's name, for the message.
+        value: its value.
+        trial: also serialize ``value`` on its own, to tell whether it is
+            what cannot be serialized; False checks its type only.
     """
     if isinstance(value, _FORBIDDEN):
         raise SerializationError(
@@ -156,6 +162,8 @@ def check_capturable(name: str, value: Any) -> None:
             "worker_init instead",
             name,
         )
+    if not trial:
+        return
     try:
         _dill_dumps(value)
     except Exception as exc:

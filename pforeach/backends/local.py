@@ -47,7 +47,7 @@ from .base import Backend
 
 logger = logging.getLogger(__name__)
 
-_ENV, _TASK, _QUIT = b"E", b"T", b"Q"
+_ENV, _REUSE, _TASK, _QUIT = b"E", b"R", b"T", b"Q"
 # The worker imports this very pforeach, even when the master found it through
 # a sys.path entry (a checkout, a test runner) that a fresh interpreter lacks.
 _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -78,6 +78,7 @@ class _Worker:
         self._feeder = threading.Thread(target=self._feed, daemon=True)
         self._feeder.start()
         self.job_id = ""
+        self.env_hash = ""  # the environment the process holds, by content
         self.outstanding: deque[Task] = deque()
         self.started = 0.0  # when the first outstanding task began running
         self.send(serialize.dumps(sys.path))
@@ -200,8 +201,13 @@ class _Schedule:
                 if task is None:
                     return
                 if worker.job_id != job.job_id:
-                    worker.send(_ENV + job.job_id.encode() + b"\n" + job.env_bytes)
-                    worker.job_id = job.job_id
+                    head = job.job_id.encode() + b" " + job.env_hash.encode()
+                    if worker.env_hash == job.env_hash:
+                        # The same loop again: the process keeps what it holds.
+                        worker.send(_REUSE + head)
+                    else:
+                        worker.send(_ENV + head + b"\n" + job.env_bytes)
+                    worker.job_id, worker.env_hash = job.job_id, job.env_hash
                 if not worker.outstanding:
                     worker.started = time.monotonic()
                 worker.outstanding.append(task)
@@ -344,16 +350,28 @@ def _span(task: Task) -> str:
 def _serve(inbox: Connection, outbox: Connection) -> None:
     sys.path[:] = serialize.loads(inbox.recv_bytes())
     envs: dict[str, LoadedEnv] = {}
+    kept: LoadedEnv | None = None  # the last environment received
     while True:
         try:
             data = inbox.recv_bytes()
         except EOFError:
             return
         kind = data[:1]
-        if kind == _ENV:
-            job_id, _, env = data[1:].partition(b"\n")
+        if kind in (_ENV, _REUSE):
+            head, _, env = data[1:].partition(b"\n")
+            job_id = head.split(b" ")[0].decode()
             envs.clear()  # one job at a time: the previous one is over
-            envs[job_id.decode()] = LoadedEnv.load(env, job_id.decode())
+            if kind == _ENV:
+                loaded = kept = LoadedEnv.load(env, job_id)
+            elif kept is None:  # never sent by the master: it tracks what we hold
+                loaded = LoadedEnv.failing(
+                    job_id, RuntimeError("no environment to reuse")
+                )
+            else:
+                # A fresh LoadedEnv, so that worker_init runs again for this
+                # job; one that failed to load fails the same way again.
+                loaded = kept if kept.broken else LoadedEnv(kept.env, job_id)
+            envs[job_id] = loaded
         elif kind == _TASK:
             job_id, seeds, task = serialize.loads(data[1:])
             result = envs[job_id].run(task, seeds)

@@ -29,6 +29,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import redis
+
 from ... import serialize
 from ...errors import JobCancelledError, PayloadError, SerializationError
 from ...job import Job, Task, TaskResult
@@ -56,6 +58,9 @@ _NO_WORKER_GRACE = 3.0
 
 #: Results popped per round trip while they stream in.
 _BATCH = 1000
+
+#: Seconds a loop runs before its keeper thread starts.
+_KEEPER_DELAY = 0.25
 
 
 @dataclass
@@ -113,20 +118,33 @@ class Master:
     def run(self) -> Iterator[TaskResult]:
         job = self.job
         _ = job.env_bytes  # serialize (and fail on unshippable captures) first
-        # A Redis that is not there (or refuses us) fails the loop at once,
-        # naming its address, rather than after reconnect_timeout.
-        reach(self.r, self.b.spec)
+        try:
+            self._open()
+        except CONNECTION_ERRORS:
+            # A Redis that is not there (or refuses us) fails the loop at once,
+            # naming its address, rather than after reconnect_timeout. Asked
+            # only after a failure: a PING before every loop costs a round trip.
+            reach(self.r, self.b.spec)
+            self.io.call(self._open, "job submission")
         completed = False
         try:
-            self.io.call(self._open, "job submission")
             self.next_check = time.monotonic() + self.b.ftinterval
             worker_check = time.monotonic() + _NO_WORKER_GRACE
+            # The keeper first refreshes after its interval (0.5 s or more), so
+            # a shorter loop has no use for it; starting a thread costs more
+            # than a whole one-task loop's round trips on a busy machine.
+            keeper_due = time.monotonic() + _KEEPER_DELAY
             while True:
                 self._fill()
                 if self.exhausted and not self.inflight:
                     completed = True
                     return
                 yield from self._collect()
+                if self._keeper is None and time.monotonic() >= keeper_due:
+                    self._keeper = threading.Thread(
+                        target=self._keep_alive, daemon=True
+                    )
+                    self._keeper.start()
                 if worker_check and time.monotonic() >= worker_check:
                     worker_check = 0.0
                     self.io.call(self._warn_if_unserved, "worker check")
@@ -170,21 +188,13 @@ class Master:
             "done": self.finished,
             "iterations_done": self.iterations,
         }
-        # One round trip: the record, and whether Redis already holds an
-        # identical environment (the same loop run again), kept alive if so.
-        pipe = self.r.pipeline(transaction=False)
-        self._touch(keys=[keys.env(job.env_hash)], args=[int(b.env_ttl)], client=pipe)
-        pipe.hset(keys.job(job.job_id), mapping=record)
-        pipe.expire(keys.job(job.job_id), int(b.key_ttl))
-        pipe.sadd(keys.jobs, job.job_id)
-        pipe.set(keys.live, 1)
-        # The run id of the server the job is written to, asked afresh:
-        # redis-py silently replaces a connection that died between loops,
-        # so a server restarted since the last loop is not otherwise seen,
-        # and the first fault check would take the job for lost and submit
-        # it all a second time.
-        pipe.info("server")
-        replies = pipe.execute()
+        try:
+            replies = self._open_pipeline(record)
+        except redis.exceptions.NoScriptError:
+            # A server that has not seen the script (or lost it in a restart):
+            # load it and write everything again; each command is idempotent.
+            self.r.script_load(TOUCH_VALUE)
+            replies = self._open_pipeline(record)
         env_present = replies[0]
         self.run_id = str(replies[-1].get("run_id", ""))
         if env_present:
@@ -199,9 +209,28 @@ class Master:
             keys.queue,
             b.spec.describe(),
         )
-        if self._keeper is None:
-            self._keeper = threading.Thread(target=self._keep_alive, daemon=True)
-            self._keeper.start()
+
+    def _open_pipeline(self, record: dict[str, str | int | float]) -> list[Any]:
+        job, keys, b = self.job, self.keys, self.b
+        # One round trip: the record, and whether Redis already holds an
+        # identical environment (the same loop run again), kept alive if so.
+        # EVALSHA itself rather than the Script object: redis-py asks SCRIPT
+        # EXISTS before executing a pipeline that holds a Script, which is
+        # one more round trip for every loop.
+        pipe = self.r.pipeline(transaction=False)
+        pipe.evalsha(self._touch.sha, 1, keys.env(job.env_hash), int(b.env_ttl))
+        pipe.hset(keys.job(job.job_id), mapping=record)
+        pipe.expire(keys.job(job.job_id), int(b.key_ttl))
+        pipe.sadd(keys.jobs, job.job_id)
+        pipe.set(keys.live, 1)
+        # The run id of the server the job is written to, asked afresh:
+        # redis-py silently replaces a connection that died between loops,
+        # so a server restarted since the last loop is not otherwise seen,
+        # and the first fault check would take the job for lost and submit
+        # it all a second time.
+        pipe.info("server")
+        replies: list[Any] = pipe.execute()
+        return replies
 
     def _upload_env(self) -> None:
         job, b = self.job, self.b
