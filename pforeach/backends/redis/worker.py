@@ -174,7 +174,7 @@ class Worker:
         self._turn = 0
         self._gone_since: dict[str, float] = {}
         self._take = self.r.register_script(TAKE)
-        self._finish = self.r.register_script(FINISH)
+        self.answers = Answers(self.r, config, self.io)
         self._reclaim = self.r.register_script(RECLAIM)
         self._parent = os.getppid()
         self._run_id = ""
@@ -626,36 +626,14 @@ class Worker:
     # -- answering -----------------------------------------------------------------
 
     def _push(self, keys: Keys, header: TaskHeader, kind: str, value: Any) -> None:
-        payload = encode_outcome(kind, value)
-        push_result(
-            self.r,
-            self._finish,
-            keys,
-            self.wid,
-            header.job_id,
-            header.task_id,
-            kind,
-            payload,
-            self.config,
-            self.io,
-        )
+        self.answers.push(keys, self.wid, header.job_id, header.task_id, kind, value)
 
     def _notice(self, keys: Keys, header: TaskHeader, text: str) -> None:
         """Tells the master its task was unreadable (unsigned: it may not share our key)."""
         message = result_message(
             NOTICE_TAG, header.job_id, header.task_id, self.wid, text.encode()
         )
-        finish_task(
-            self.r,
-            self._finish,
-            keys,
-            self.wid,
-            header.job_id,
-            header.task_id,
-            message,
-            self.config,
-            self.io,
-        )
+        self.answers.finish(keys, self.wid, header.job_id, header.task_id, message)
 
     # -- signals ---------------------------------------------------------------------
 
@@ -758,62 +736,58 @@ def decode_task(
     return header, load_task(header, payload)
 
 
-def push_result(
-    r: redis.Redis,
-    finish: Any,
-    keys: Keys,
-    wid: str,
-    job_id: str,
-    task_id: int,
-    kind: str,
-    payload: bytes,
-    config: WorkerConfig,
-    io: Reconnecting,
-) -> None:
-    """Seals a result, stores it (in parts if large) and finishes the task."""
-    sealed = serialize.seal(
-        payload, keys.identity("result", job_id, task_id), config.secret
-    )
-    pipe = r.pipeline(transaction=False)
-    blob = write_value(
-        pipe,
-        keys.result_value(job_id, task_id, wid),
-        sealed,
-        config.part_size,
-        config.key_ttl,
-    )
-    if len(pipe):
-        io.call(pipe.execute, "result upload")
-    message = result_message(RESULT_TAG, job_id, task_id, wid, blob)
-    finish_task(r, finish, keys, wid, job_id, task_id, message, config, io)
-    logger.debug("worker %s: job %s task %d: pushed %s", wid, job_id, task_id, kind)
+class Answers:
+    """How a worker (or its supervisor, for a task it stopped) answers a task:
+    the result is sealed, stored in parts if large, and pushed by FINISH."""
 
+    def __init__(self, r: Any, config: WorkerConfig, io: Reconnecting) -> None:
+        self.r = r
+        self.config = config
+        self.io = io
+        self._finish = r.register_script(FINISH)
 
-def finish_task(
-    r: redis.Redis,
-    finish: Any,
-    keys: Keys,
-    wid: str,
-    job_id: str,
-    task_id: int,
-    message: bytes,
-    config: WorkerConfig,
-    io: Reconnecting,
-) -> None:
-    io.call(
-        lambda: finish(
-            keys=[
-                keys.out(job_id),
-                keys.start(job_id, task_id),
-                keys.alive(job_id, task_id),
-                keys.proc(wid),
-                keys.job(job_id),
-            ],
-            args=[message, int(config.key_ttl), wid],
-            client=r,
-        ),
-        "result push",
-    )
+    def push(
+        self, keys: Keys, wid: str, job_id: str, task_id: int, kind: str, value: Any
+    ) -> None:
+        """Answers with an outcome (``ok`` with a TaskResult, ``fail``, ``noenv``)."""
+        config = self.config
+        sealed = serialize.seal(
+            encode_outcome(kind, value),
+            keys.identity("result", job_id, task_id),
+            config.secret,
+        )
+        pipe = self.r.pipeline(transaction=False)
+        blob = write_value(
+            pipe,
+            keys.result_value(job_id, task_id, wid),
+            sealed,
+            config.part_size,
+            config.key_ttl,
+        )
+        if len(pipe):
+            self.io.call(pipe.execute, "result upload")
+        message = result_message(RESULT_TAG, job_id, task_id, wid, blob)
+        self.finish(keys, wid, job_id, task_id, message)
+        logger.debug("worker %s: job %s task %d: pushed %s", wid, job_id, task_id, kind)
+
+    def finish(
+        self, keys: Keys, wid: str, job_id: str, task_id: int, message: bytes
+    ) -> None:
+        """Pushes ``message`` to the job's results and clears the task's keys."""
+        self.io.call(
+            lambda: self._finish(
+                keys=[
+                    keys.out(job_id),
+                    keys.start(job_id, task_id),
+                    keys.alive(job_id, task_id),
+                    keys.proc(wid),
+                    keys.job(job_id),
+                ],
+                args=[message, int(self.config.key_ttl), wid],
+                client=self.r,
+            ),
+            "result push",
+        )
 
 
 def _log_failures(wid: str, job_id: str, result: TaskResult) -> None:
@@ -1015,7 +989,7 @@ class Supervisor:
         self.stopping = False
         self.r: Any = config.spec.connect()
         self.io = Reconnecting(config.spec, config.reconnect_timeout)
-        self._finish = self.r.register_script(FINISH)
+        self.answers = Answers(self.r, config, self.io)
         self._reclaim = self.r.register_script(RECLAIM)
         self._restart_delay = 0.0
         self._restarts: list[float] = []  # when to start replacements
@@ -1218,19 +1192,14 @@ class Supervisor:
             os.close(child.status)
             keys = Keys(cur.queue)
             header = TaskHeader(cur.job_id, cur.task_id, "", 0, cur.timeout, 0, None)
-            payload = encode_outcome("fail", _timeout_error(header))
             try:
-                push_result(
-                    self.r,
-                    self._finish,
+                self.answers.push(
                     keys,
                     child.wid,
                     cur.job_id,
                     cur.task_id,
                     "fail",
-                    payload,
-                    self.config,
-                    self.io,
+                    _timeout_error(header),
                 )
             except Exception as exc:
                 logger.warning(
